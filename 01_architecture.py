@@ -1,0 +1,116 @@
+"""Stage 1 - architecture design: the MobileNet-v1 student beside the ResNet18 teacher.
+
+Prints parameters, fp32 bytes, MACs, CPU latency and throughput of both models, the student's
+per-block table, then trains the student from scratch (no teacher) and saves
+checkpoints/student_scratch.pt: the baseline every later stage must beat.
+
+    python 01_architecture.py                      # Food-11 in data/food-11, or the sample
+    python 01_architecture.py --img_size=128 --epochs=10 --data_dir=../shared/data/food101-10
+"""
+import io
+import time
+
+import torch
+
+import common
+
+# --- settings (each can be overridden as --name=value) -------------------------------------
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+img_size = 224  # crop size fed to the models (pixels)
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+rotate = 10.0  # training augmentation: random rotation up to this many degrees
+jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+batch_size = 64  # images per training step
+epochs = 40  # training epochs from scratch
+lr = 3e-3  # peak learning rate (AdamW, one-cycle schedule)
+weight_decay = 0.05  # AdamW weight decay
+label_smoothing = 0.0  # cross-entropy label smoothing
+base = 16  # student base width
+width_mult = 1.0  # student width multiplier of blocks 3-6
+seed = 0  # random seed (weights, batch order, augmentation)
+device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+ckpt_dir = "checkpoints"  # where checkpoints and results.json go
+cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+resume = False  # continue an interrupted run from its resumable state
+bench = True  # time CPU latency and throughput of both models
+
+
+def fp32_bytes(model):
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+@torch.no_grad()
+def cpu_speed(model, img_size, runs=5):
+    """(median ms for one image, images/s at batch 32) on the CPU."""
+    model = model.cpu().eval().to(memory_format=torch.channels_last)
+
+    def median_seconds(x, n):
+        model(x)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[n // 2]
+    one = torch.rand(1, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    many = torch.rand(32, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    return 1000 * median_seconds(one, 2 * runs + 1), 32 / median_seconds(many, runs)
+
+
+def compare(models, cfg):
+    rows = []
+    for name, model in models.items():
+        row = {"model": name, "params": common.count_params(model), "fp32 bytes": fp32_bytes(model),
+               "MACs": common.count_macs(model, cfg.img_size)}
+        if cfg.bench:
+            ms, ips = cpu_speed(model, cfg.img_size)
+            row.update({"cpu ms @1": round(ms, 2), "cpu img/s @32": round(ips, 1)})
+        rows.append(row)
+    print(f"\nstudent vs teacher at {cfg.img_size} px")
+    print(common.format_table(rows, list(rows[0])))
+
+
+def block_table(model):
+    """The course's per-block table: one row per layer that has weights."""
+    rows = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or list(module.children()):
+            continue
+        kind = type(module).__name__
+        if kind == "Conv2d" and module.groups > 1:
+            kind = "Conv2d depthwise"
+        elif kind == "Conv2d" and module.kernel_size == (1, 1):
+            kind = "Conv2d pointwise"
+        rows.append({"layer": name, "kind": kind, "weight": "x".join(map(str, weight.shape)),
+                     "params": sum(p.numel() for p in module.parameters(recurse=False))})
+    rows.append({"layer": "total", "kind": "", "weight": "", "params": common.count_params(model)})
+    print("\nstudent layers")
+    print(common.format_table(rows, list(rows[0])))
+
+
+def main():
+    cfg = common.configure(globals())
+    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    data = common.data_for(cfg, splits=("training", "validation"))
+    common.seed_everything(cfg.seed)
+    student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
+    teacher = common.make_teacher(data.num_classes)
+    compare({"student": student, "teacher (ResNet18)": teacher}, cfg)
+    block_table(student)
+
+    print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
+    common.seed_everything(cfg.seed)
+    student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
+    path = ckpt_dir / "student_scratch.pt"
+    best = common.fit(student, data, cfg, path, desc="scratch")
+    model = common.load_model(path)[0]
+    common.record_model(ckpt_dir, "1 architecture", "student_scratch", model, path,
+                        best["val_acc"], cfg.img_size)
+    print(f"\nscratch student: val acc {best['val_acc']:.4f} (epoch {best['epoch']}) -> {path}")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,867 @@
+"""Shared pieces of the food-compress stages: settings, data, models, loops, checkpoints.
+
+Every stage script keeps its settings as plain constants at its top and calls `run(main)`;
+everything they have in common lives here, once.
+"""
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent
+FOOD11_CLASSES = ["Bread", "Dairy product", "Dessert", "Egg", "Fried food", "Meat",
+                  "Noodles/Pasta", "Rice", "Seafood", "Soup", "Vegetable/Fruit"]
+IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_DATA_DIR = "data/food-11"
+SAMPLE_DIR = "data/sample"
+# Sizes that let the whole pipeline run on the generated sample in a few CPU minutes.
+SAMPLE_SETTINGS = {"img_size": 32, "resize": 36, "batch_size": 32, "epochs": 6,
+                   "finetune_epochs": 2, "ckpt_dir": "checkpoints/sample"}
+
+
+# ============================================================================================
+# Errors and the script runner
+# ============================================================================================
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, after the resumable state has been left in a clean place: exit code 130."""
+
+
+def run(main):
+    """Run a stage's main(): user errors become one line on stderr, Ctrl-C exits 130."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"\ninterrupted: {e or 'nothing was left half-written'}", file=sys.stderr)
+        sys.exit(130)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ============================================================================================
+# Settings: the lowercase constants at the top of a script, each overridable as --name=value
+# ============================================================================================
+
+# Allowed ranges, for whichever of these names a script has.
+CHECKS = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "finetune_epochs": (lambda v: v >= 0, "at least 0"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "img_size": (lambda v: v >= 8, "at least 8"),
+    "resize": (lambda v: v >= 0, "0 (= img_size * 8/7) or a size in pixels"),
+    "lr": (lambda v: v > 0, "greater than 0"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "temperature": (lambda v: v > 0, "greater than 0"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "prune_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "prune_count": (lambda v: v >= 1, "at least 1"),
+    "max_acc_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "sparsity": (lambda v: v >= 0, "at least 0"),
+    "rotate": (lambda v: 0 <= v <= 180, "in [0, 180] degrees"),
+    "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"),
+               "auto, cpu, cuda, cuda:N or mps"),
+    "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
+}
+
+
+def settings_of(namespace):
+    """The settings of a script: its lowercase constants of a plain type, in order."""
+    return {k: v for k, v in namespace.items()
+            if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str)}
+
+
+def parse_value(name, text, default):
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"--{name} takes True or False, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} takes a {kind.__name__}, got {text!r}") from None
+
+
+def setting_help(script_path):
+    """name -> comment, read from the `name = value  # comment` lines of a script."""
+    text = Path(script_path).read_text(encoding="utf-8")
+    return dict(re.findall(r"^([a-z_0-9]+) = .*?  # (.*)$", text, flags=re.M))
+
+
+def configure(namespace, argv=None):
+    """Apply --name=value overrides to a script's settings and check them.
+
+    Returns a namespace of the final settings. When data_dir is left at its default and that
+    folder does not exist, a small generated sample is used instead (with sample-sized
+    settings for whatever was not given on the command line), and a notice says so.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = settings_of(namespace)
+    given = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(namespace.get("__file__", sys.argv[0]), cfg)
+            sys.exit(0)
+        m = re.fullmatch(r"--([A-Za-z_0-9]+)=(.*)", arg, flags=re.S)
+        if not m:
+            raise UserError(f"arguments take the form --name=value, got {arg!r}; "
+                            f"settings: {', '.join(cfg)}")
+        name, text = m.groups()
+        if name not in cfg:
+            raise UserError(f"unknown setting --{name}; settings: {', '.join(cfg)}")
+        given[name] = parse_value(name, text, cfg[name])
+    cfg.update(given)
+    if "data_dir" in cfg and cfg["data_dir"] == DEFAULT_DATA_DIR and "data_dir" not in given:
+        if not (REPO / DEFAULT_DATA_DIR).is_dir():
+            cfg["data_dir"] = str(make_sample(REPO / SAMPLE_DIR))
+            sample = {k: v for k, v in SAMPLE_SETTINGS.items() if k in cfg and k not in given}
+            cfg.update(sample)
+            print(f"notice: {DEFAULT_DATA_DIR} not found, so this run uses a small generated "
+                  f"sample in {SAMPLE_DIR} with " + ", ".join(f"{k}={v}" for k, v in sample.items())
+                  + f". Put Food-11 (training/, validation/, testing/) in {DEFAULT_DATA_DIR} "
+                  "or pass --data_dir=PATH.")
+    for name, value in cfg.items():
+        check = CHECKS.get(name)
+        if check and not check[0](value):
+            raise UserError(f"--{name}={value} is out of range: it must be {check[1]}")
+    for name in ("data_dir", "ckpt_dir", "cache_dir"):
+        if cfg.get(name):
+            cfg[name] = str(resolve(cfg[name]))
+    return Settings(**cfg)
+
+
+class Settings(dict):
+    """A dict whose keys read as attributes: cfg.epochs."""
+    __getattr__ = dict.__getitem__
+
+
+def resolve(path):
+    """Relative paths are taken from the repository, so scripts run from any folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def print_help(script_path, cfg):
+    notes = setting_help(script_path)
+    print(f"usage: python {Path(script_path).name} [--name=value ...]\n\nsettings:")
+    for name, value in cfg.items():
+        print(f"  --{name}={value!r:<24} {notes.get(name, '')}")
+
+
+# ============================================================================================
+# Data: decode once, hold each split as one uint8 tensor, cache it on disk
+# ============================================================================================
+
+@dataclass
+class Split:
+    images: torch.Tensor   # N x S x S x 3 uint8 (RGB)
+    labels: torch.Tensor   # N int64; -1 where unlabeled (testing)
+    names: list            # file names, same order
+
+
+def parse_label(path):
+    m = re.match(r"(\d+)_", path.name)
+    if not m:
+        raise UserError(f"{path}: a labeled file must be named <class>_<n>.jpg "
+                        "with an integer class; move or rename it")
+    return int(m.group(1))
+
+
+def list_images(root, split):
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise UserError(f"{folder}: split folder missing (a data root holds training/, "
+                        "validation/ and optionally testing/)")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no .jpg/.jpeg/.png images in this split")
+    return files
+
+
+def decode_image(path, size):
+    """RGB uint8 S x S: shorter side resized to `size`, then the centre square. None if bad."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0:
+        return None
+    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in raw[-64:].tobytes():
+        return None  # truncated JPEG: OpenCV would quietly fill the rest with grey
+    img = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # grey, RGBA, CMYK, 16-bit -> 8-bit BGR
+    if img is None or img.size == 0:
+        return None
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(img[top:top + size, left:left + size, ::-1])
+
+
+def cache_key(files, size):
+    h = hashlib.sha1(f"v1|{size}".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_split(files, size):
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+        images = list(tqdm(pool.map(lambda p: decode_image(p, size), files), total=len(files),
+                           desc=f"decoding {files[0].parent.name}", leave=False, disable=None))
+    kept = []
+    for path, img in zip(files, images):
+        if img is None:
+            warn(f"skipping {path}: not a readable image (empty, truncated or corrupt)")
+        else:
+            kept.append((path, img))
+    return kept
+
+
+def load_split(root, split, size, labeled=True, cache_dir=None):
+    """Decode a split once (or read it from the cache) into a Split of uint8 images."""
+    files = list_images(root, split)
+    labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
+    cache = None
+    if cache_dir:
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", Path(root).resolve().name)
+        cache = Path(cache_dir) / f"{tag}-{split}-{size}-{cache_key(files, size)}.npz"
+        if cache.exists():
+            with np.load(cache, allow_pickle=False) as z:
+                return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                             [str(n) for n in z["names"]])
+    by_name = dict(zip((p.name for p in files), labels))
+    kept = decode_split(files, size)
+    if not kept:
+        raise UserError(f"{Path(root) / split}: no readable image left in this split")
+    images = np.stack([img for _, img in kept])
+    label_arr = np.array([by_name[p.name] for p, _ in kept], dtype=np.int64)
+    names = [p.name for p, _ in kept]
+    if cache:
+        write_cache(cache, images=images, labels=label_arr, names=np.array(names))
+    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names)
+
+
+def write_cache(path, **arrays):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.npz"):
+            old.unlink()  # a changed data set leaves no stale copy behind
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except OSError as e:
+        warn(f"could not cache decoded images in {path.parent} ({e.strerror}); "
+             "the next run decodes them again")
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split   # None when the root has no testing/
+    num_classes: int
+    class_names: list
+    root: str
+
+
+def load_data(root, resize, cache_dir=None, splits=("training", "validation", "testing")):
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found (it must hold training/ and validation/)")
+    train = load_split(root, "training", resize, cache_dir=cache_dir) if "training" in splits else None
+    val = load_split(root, "validation", resize, cache_dir=cache_dir)
+    test = None
+    if "testing" in splits and (root / "testing").is_dir():
+        test = load_split(root, "testing", resize, labeled=False, cache_dir=cache_dir)
+    labeled = [s for s in (train, val) if s is not None]
+    names = read_class_names(root)
+    if names is None:
+        count = 1 + max(int(s.labels.max()) for s in labeled)
+        names = FOOD11_CLASSES if count == 11 else [f"class {i}" for i in range(count)]
+    for s in labeled:
+        bad = int(s.labels.max())
+        if bad >= len(names):
+            name = s.names[int(s.labels.argmax())]
+            raise UserError(f"{root}: label {bad} of {name} is outside classes.txt "
+                            f"({len(names)} classes)")
+    return Data(train, val, test, len(names), names, str(root))
+
+
+def read_class_names(root):
+    path = Path(root) / "classes.txt"
+    if not path.exists():
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"{path}: empty; it must name one class per line")
+    return names
+
+
+def data_for(cfg, splits=("training", "validation", "testing")):
+    """The data a script's settings point at, announced in one line."""
+    data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits)
+    sizes = ", ".join(f"{n} {len(s.labels)}" for n, s in
+                      (("training", data.train), ("validation", data.val), ("testing", data.test))
+                      if s is not None)
+    print(f"data: {data.root}: {data.num_classes} classes; {sizes} images "
+          f"({resize_of(cfg)} px stored, {cfg.img_size} px crops)")
+    return data
+
+
+def resize_of(cfg):
+    return cfg.resize or round(cfg.img_size * 8 / 7)
+
+
+# ============================================================================================
+# The generated sample: 11 learnable classes in Food-11's layout, made once
+# ============================================================================================
+
+def make_sample(root, per_class=(30, 10), test_count=55, size=48, seed=0):
+    """Deterministic synthetic 'food': each class a colour and stripe angle, with noise."""
+    root = Path(root)
+    if (root / "done").exists():
+        return root
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def picture(c):
+        hue = (c * 180 // 11 + rng.integers(-10, 11)) % 180
+        angle = math.pi * c / 11 + rng.normal(0, 0.2)
+        freq = 3 + (c % 3) * 2
+        stripes = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle))
+                                     + rng.uniform(0, 2 * math.pi))
+        hsv = np.stack([np.full_like(xx, hue), 90 + 120 * stripes, 80 + 150 * stripes], -1)
+        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR).astype(np.float32)
+        img = img * rng.uniform(0.6, 1.2) + rng.normal(0, 50, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    for split, count in (("training", per_class[0]), ("validation", per_class[1])):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for c in range(11):
+            for n in range(count):
+                cv2.imwrite(str(root / split / f"{c}_{n}.jpg"), picture(c))
+    (root / "testing").mkdir(parents=True, exist_ok=True)
+    for n in range(test_count):
+        cv2.imwrite(str(root / "testing" / f"{n:04d}.jpg"), picture(n % 11))
+    (root / "done").write_text("generated by common.make_sample\n")
+    return root
+
+
+# ============================================================================================
+# Batches: whole-batch augmentation on uint8 tensors, normalisation per model
+# ============================================================================================
+
+def to_device_images(split, device):
+    """The split's uint8 images on the device, once per run (NHWC: channels_last for free)."""
+    return split.images.to(device), split.labels.to(device)
+
+
+def random_crop_flip(images, idx, crop, gen):
+    """Per-image random crop and horizontal flip of images[idx], by one gather."""
+    n, size = len(idx), images.shape[1]
+    off = torch.randint(0, size - crop + 1, (2, n), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    ar = torch.arange(crop)
+    rows = off[0, :, None] + ar
+    cols = off[1, :, None] + torch.where(flip[:, None], crop - 1 - ar, ar)
+    dev = images.device
+    return images[idx.to(dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+
+
+def to_float(batch_nhwc):
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [0, 1], channels_last in memory."""
+    return batch_nhwc.permute(0, 3, 1, 2).float().div_(255)
+
+
+def rotate_batch(x, degrees, gen):
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+
+
+def jitter_batch(x, amount, gen):
+    """Brightness, contrast and saturation, each scaled by a factor in [1-amount, 1+amount]."""
+    n = x.shape[0]
+    b, c, s = ((1 + (torch.rand(3, n, 1, 1, 1, generator=gen) * 2 - 1) * amount).to(x.device))
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return ((x - grey) * s + grey).clamp_(0, 1)
+
+
+def normalize(x, norm):
+    if norm == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+    return x
+
+
+def train_batches(images, labels, batch_size, crop, gen, rotate=0.0, jitter=0.0):
+    """Shuffled, augmented batches of floats in [0, 1]; the last partial batch is dropped."""
+    n = len(labels)
+    order = torch.randperm(n, generator=gen)
+    batch_size = min(batch_size, n)
+    for i in range(0, n - batch_size + 1, batch_size):
+        idx = order[i:i + batch_size]
+        x = to_float(random_crop_flip(images, idx, crop, gen))
+        if rotate:
+            x = rotate_batch(x, rotate, gen)
+        if jitter:
+            x = jitter_batch(x, jitter, gen)
+        yield x, labels[idx.to(labels.device)]
+
+
+def eval_batches(images, labels, batch_size, crop):
+    size = images.shape[1]
+    top = (size - crop) // 2
+    for i in range(0, len(labels), batch_size):
+        yield to_float(images[i:i + batch_size, top:top + crop, top:top + crop]), labels[i:i + batch_size]
+
+
+# ============================================================================================
+# Models
+# ============================================================================================
+
+MULTIPLIERS = [1, 2, 4, 8, 16, 16, 16, 16]
+
+
+def student_widths(base=16, width_mult=1.0):
+    widths = [base * m for m in MULTIPLIERS]
+    for i in range(3, 7):
+        widths[i] = int(widths[i] * width_mult)
+    return widths
+
+
+class StudentNet(nn.Module):
+    """The course's MobileNet-v1 student: full conv, then 7 depthwise-separable blocks.
+
+    Parameter names match the course's `student_custom_small.bin` (256,779 parameters at
+    base 16, width_mult 1, 11 classes). `widths` (one output width per block) rebuilds a
+    pruned shape.
+    """
+
+    def __init__(self, base=16, width_mult=1.0, num_classes=11, widths=None):
+        super().__init__()
+        w = list(widths) if widths is not None else student_widths(base, width_mult)
+        if len(w) != 8 or min(w) < 1:
+            raise ValueError(f"widths must be 8 positive channel counts, got {w}")
+        self.widths = w
+        blocks = [nn.Sequential(nn.Conv2d(3, w[0], 3, 1, 1), nn.BatchNorm2d(w[0]), nn.ReLU6(),
+                                nn.MaxPool2d(2, 2, 0))]
+        for i in range(1, 8):
+            layers = [nn.Conv2d(w[i - 1], w[i - 1], 3, 1, 1, groups=w[i - 1]),
+                      nn.BatchNorm2d(w[i - 1]), nn.ReLU6(), nn.Conv2d(w[i - 1], w[i], 1)]
+            if i <= 3:
+                layers.append(nn.MaxPool2d(2, 2, 0))
+            blocks.append(nn.Sequential(*layers))
+        blocks.append(nn.AdaptiveAvgPool2d((1, 1)))
+        self.cnn = nn.Sequential(*blocks)
+        self.fc = nn.Sequential(nn.Linear(w[7], num_classes))
+
+    def forward(self, x):
+        return self.fc(self.cnn(x).flatten(1))
+
+
+def make_teacher(num_classes):
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
+def arch_of(model):
+    if isinstance(model, StudentNet):
+        return {"kind": "student", "widths": list(model.widths),
+                "num_classes": model.fc[0].out_features}
+    return {"kind": "resnet18", "num_classes": model.fc.out_features}
+
+
+def build_model(arch):
+    if arch["kind"] == "student":
+        return StudentNet(widths=arch["widths"], num_classes=arch["num_classes"])
+    if arch["kind"] == "resnet18":
+        return make_teacher(arch["num_classes"])
+    raise UserError(f"unknown model kind {arch['kind']!r}")
+
+
+def arch_from_state_dict(sd):
+    """Recognise a plain state_dict (the course's files) by its keys and shapes."""
+    try:
+        if "cnn.0.0.weight" in sd:
+            widths = [sd["cnn.0.0.weight"].shape[0]] + [sd[f"cnn.{i}.3.weight"].shape[0] for i in range(1, 8)]
+            return {"kind": "student", "widths": widths, "num_classes": sd["fc.0.weight"].shape[0]}
+        if "conv1.weight" in sd and "layer4.1.bn2.weight" in sd:
+            return {"kind": "resnet18", "num_classes": sd["fc.weight"].shape[0]}
+    except (KeyError, AttributeError):
+        pass
+    return None
+
+
+def describe(arch):
+    if arch["kind"] == "student":
+        return f"a StudentNet (widths {arch['widths']}) with {arch['num_classes']} classes"
+    return f"a ResNet18 with {arch['num_classes']} classes"
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, img_size):
+    from torch.utils.flop_counter import FlopCounterMode
+    model = model.eval()
+    x = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: no CUDA device here; use --device=auto or cpu")
+    return torch.device(name)
+
+
+def prepare(model, device):
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+# ============================================================================================
+# Checkpoints: {"arch", "preprocess", "state_dict", "metrics"}, written atomically
+# ============================================================================================
+
+def atomic_write(path, write):
+    """Write through write(file) into a temporary file beside `path`, then rename it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def ensure_writable(folder):
+    """Fail now, not after an hour of training, if checkpoints cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write checkpoints here ({e.strerror}); "
+                        "choose another --ckpt_dir") from None
+    return folder
+
+
+def cpu_state_dict(model):
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, model, preprocess, metrics=None):
+    atomic_torch_save({"arch": arch_of(model), "preprocess": dict(preprocess),
+                       "state_dict": cpu_state_dict(model), "metrics": dict(metrics or {})}, path)
+
+
+def torch_load(path, made_by=None):
+    """torch.load with weights_only=True, every failure turned into one clear line."""
+    path = Path(path)
+    if not path.exists():
+        hint = f"; run {made_by} first" if made_by else ""
+        raise UserError(f"{path}: not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{path}: refused, it holds Python objects beyond weights and "
+                            "loading it could run code") from None
+        raise UserError(f"{path}: damaged or not a PyTorch file ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: damaged or not a PyTorch file ({msg})") from None
+
+
+def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=None):
+    """(model, preprocess, metrics) from one of our checkpoints or a plain state_dict.
+
+    A plain state_dict carries no preprocessing; `plain_norm` says how it was trained.
+    """
+    obj = torch_load(path, made_by)
+    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
+        sd, arch = obj["state_dict"], obj["arch"]
+        preprocess, metrics = obj.get("preprocess", {}), obj.get("metrics", {})
+    elif isinstance(obj, dict):
+        sd, arch = obj, arch_from_state_dict(obj)
+        preprocess, metrics = {"norm": plain_norm}, {}
+    else:
+        sd = arch = None
+    if arch is None:
+        raise UserError(f"{path}: not a StudentNet or ResNet18 checkpoint")
+    wanted = {"kind": expect, "num_classes": num_classes}
+    if any(v is not None and arch.get(k) != v for k, v in wanted.items()):
+        want = describe({"kind": expect or arch["kind"], "num_classes": num_classes or arch["num_classes"],
+                         "widths": arch.get("widths")})
+        raise UserError(f"{path}: holds {describe(arch)}, but {want} is needed here")
+    model = build_model(arch)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit {describe(arch)} "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return model, preprocess, metrics
+
+
+def file_bytes(path):
+    return Path(path).stat().st_size
+
+
+# ============================================================================================
+# Losses
+# ============================================================================================
+
+def kd_loss(student_logits, teacher_logits, labels, T, alpha):
+    """alpha*T^2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(s, y), KL on log_softmax(s/T)."""
+    s, t = student_logits.float(), teacher_logits.float()
+    kl = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="batchmean")
+    return alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, labels)
+
+
+def distill_loss(teacher, teacher_norm, T, alpha):
+    """A loss(logits, x, y) for fit(): the frozen teacher sees the same augmented batch x."""
+    teacher.eval().requires_grad_(False)
+
+    def loss(logits, x, y):
+        with torch.inference_mode(), autocast(x.device):
+            t = teacher(normalize(x, teacher_norm))
+        return kd_loss(logits, t.clone(), y, T, alpha)  # clone: a normal tensor autograd may keep
+    return loss
+
+
+def bn_l1(model):
+    """Network slimming's sparsity term: the L1 norm of every BatchNorm gamma."""
+    return sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ============================================================================================
+# Loops
+# ============================================================================================
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size, crop, norm):
+    """(mean cross-entropy, accuracy) on centre crops."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in eval_batches(images, labels, batch_size, crop):
+        with autocast(x.device):
+            logits = model(normalize(x, norm)).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return total_loss / len(labels), correct / len(labels)
+
+
+@torch.no_grad()
+def predict(model, images, batch_size, crop, norm):
+    model.eval()
+    out = []
+    for x, _ in eval_batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, crop):
+        with autocast(x.device):
+            out.append(model(normalize(x, norm)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0, desc="train"):
+    """Train with AdamW + one-cycle, keep the best-on-validation checkpoint at ckpt_path.
+
+    At the end of every epoch a resumable state (model, optimizer, schedule, epoch, best score,
+    RNG) is written atomically to `<ckpt_path>.resume.pt`; `--resume=True` continues from it.
+    Returns the best checkpoint's metrics.
+    """
+    device = pick_device(cfg.device)
+    model = prepare(model, device)
+    ckpt_path = Path(ckpt_path)
+    state_path = ckpt_path.with_name(ckpt_path.name + ".resume.pt")
+    preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg)}
+    smoothing = cfg.get("label_smoothing", 0.0)
+    loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
+    train_x, train_y = to_device_images(data.train, device)
+    val_x, val_y = to_device_images(data.val, device)
+    steps = len(train_y) // min(cfg.batch_size, len(train_y))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, best = 0, {"val_acc": -1.0}
+    if cfg.get("resume") and state_path.exists():
+        state = torch_load(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start, best = state["epoch"], state["best"]
+        print(f"resuming {desc} from {state_path} after epoch {start}")
+    elif cfg.get("resume"):
+        print(f"nothing to resume at {state_path}; starting from epoch 1")
+    for epoch in range(start, cfg.epochs):
+        try:
+            train_loss, train_acc, seconds, speed = train_epoch(
+                model, train_x, train_y, opt, sched, loss_fn, cfg, gen, norm, sparsity, epoch)
+        except KeyboardInterrupt:
+            where = (f"{state_path} (after epoch {epoch}); rerun with --resume=True" if epoch
+                     else "none yet, the first epoch had not finished")
+            raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; resumable state: {where}") from None
+        val_loss, val_acc = evaluate(model, val_x, val_y, cfg.batch_size, cfg.img_size, norm)
+        mark = ""
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+            save_checkpoint(ckpt_path, model, preprocess, best)
+            mark = "  * best"
+        atomic_torch_save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "gen": gen.get_state(),
+                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best},
+                          state_path)
+        print(f"{desc} epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_loss:.3f} acc {train_acc:.3f}"
+              f"  val loss {val_loss:.3f} acc {val_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
+              flush=True)
+    state_path.unlink(missing_ok=True)
+    if best["val_acc"] < 0:  # resumed a finished run: the checkpoint is already there
+        best = load_model(ckpt_path)[2]
+    return best
+
+
+def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, gen, norm, sparsity, epoch):
+    model.train()
+    t0 = time.perf_counter()
+    seen = correct = 0
+    total = 0.0
+    batches = train_batches(images, labels, cfg.batch_size, cfg.img_size, gen,
+                            cfg.get("rotate", 0.0), cfg.get("jitter", 0.0))
+    bar = tqdm(batches, total=len(labels) // min(cfg.batch_size, len(labels)), leave=False,
+               desc=f"epoch {epoch + 1}", disable=None)
+    for step, (x, y) in enumerate(bar):
+        with autocast(x.device):
+            logits = model(normalize(x, norm))
+        loss = loss_fn(logits, x, y)
+        if sparsity:
+            loss = loss + sparsity * bn_l1(model)
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
+                            f"the best checkpoint is untouched; try a lower --lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += len(y)
+        total += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+    seconds = time.perf_counter() - t0
+    return total / seen, correct / seen, seconds, seen / seconds
+
+
+# ============================================================================================
+# Results log: one record per model, one table across all stages
+# ============================================================================================
+
+RESULTS = "results.json"
+COLUMNS = ("stage", "model", "params", "bytes", "macs", "val_acc")
+
+
+def read_results(ckpt_dir):
+    path = Path(ckpt_dir) / RESULTS
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: damaged results log; delete it and rerun the stages") from None
+
+
+def record_result(ckpt_dir, stage, name, **fields):
+    """Add or replace the record of model `name` in the results log."""
+    rows = [r for r in read_results(ckpt_dir) if r["model"] != name]
+    rows.append({"stage": stage, "model": name, **fields})
+    text = json.dumps(rows, indent=1)
+    atomic_write(Path(ckpt_dir) / RESULTS, lambda f: f.write(text.encode()))
+
+
+def record_model(ckpt_dir, stage, name, model, path, val_acc, img_size, **extra):
+    record_result(ckpt_dir, stage, name, params=count_params(model), bytes=file_bytes(path),
+                  macs=count_macs(model.cpu().float(), img_size), val_acc=round(val_acc, 4), **extra)
+
+
+def format_table(rows, columns=COLUMNS):
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(lines)
+
+
+def write_predictions(path, names, preds):
+    rows = sorted(zip((Path(n).stem for n in names), preds.tolist()))
+
+    def write(f):
+        text = "Id,Category\n" + "".join(f"{i},{c}\n" for i, c in rows)
+        f.write(text.encode())
+    atomic_write(path, write)
+    return len(rows)
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
