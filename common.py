@@ -656,6 +656,44 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     return model, preprocess, metrics
 
 
+TEACHER_FILE = "teacher_resnet18.bin"
+
+
+def teacher_preprocess_path(path):
+    return Path(path).with_suffix(".json")
+
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_teacher(path, model, norm, metrics):
+    """The course's format (a plain state_dict) plus a JSON note of its preprocessing."""
+    atomic_torch_save(cpu_state_dict(model), path)
+    note = {"norm": norm, "sha1": file_sha1(path), **metrics}
+    atomic_write(teacher_preprocess_path(path), lambda f: f.write(json.dumps(note, indent=1).encode()))
+
+
+def load_teacher(ckpt_dir, num_classes, teacher_norm):
+    """(teacher, norm). The norm comes from the note 00_teacher.py writes beside the file,
+    else (the course's file, the shared one) from the teacher_norm setting."""
+    path = Path(ckpt_dir) / TEACHER_FILE
+    model = load_model(path, expect="resnet18", num_classes=num_classes, made_by="00_teacher.py")[0]
+    note_path = teacher_preprocess_path(path)
+    if note_path.exists():
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        if note.get("sha1") == file_sha1(path):
+            if note["norm"] != teacher_norm:
+                print(f"note: {path.name} was trained with norm={note['norm']}, as {note_path.name} "
+                      f"records; using that, not --teacher_norm={teacher_norm}")
+            return model, note["norm"]
+    return model, teacher_norm
+
+
 def file_bytes(path):
     return Path(path).stat().st_size
 
@@ -718,6 +756,10 @@ def predict(model, images, batch_size, crop, norm):
     return torch.cat(out)
 
 
+def resume_path(ckpt_path):
+    return Path(ckpt_path).with_name(Path(ckpt_path).name + ".resume.pt")
+
+
 def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0, desc="train"):
     """Train with AdamW + one-cycle, keep the best-on-validation checkpoint at ckpt_path.
 
@@ -728,7 +770,7 @@ def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0
     device = pick_device(cfg.device)
     model = prepare(model, device)
     ckpt_path = Path(ckpt_path)
-    state_path = ckpt_path.with_name(ckpt_path.name + ".resume.pt")
+    state_path = resume_path(ckpt_path)
     preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg)}
     smoothing = cfg.get("label_smoothing", 0.0)
     loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))

@@ -1,0 +1,80 @@
+"""Stage 0 - the teacher: a torchvision ResNet18 every user can get.
+
+If checkpoints/teacher_resnet18.bin exists (the course's trained file, the shared food101-10
+one, or one this script wrote), evaluate it on validation and stop. Otherwise train one:
+from ImageNet weights when torchvision can load them, else from scratch (as on machines
+without internet), and save the best-on-validation weights in the course's format (a plain
+state_dict) with a JSON note of the preprocessing it was trained with.
+
+    python 00_teacher.py
+    python 00_teacher.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
+"""
+import torchvision
+
+import common
+
+# --- settings (each can be overridden as --name=value) -------------------------------------
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+img_size = 224  # crop size fed to the teacher (pixels)
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+rotate = 10.0  # training augmentation: random rotation up to this many degrees
+jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+batch_size = 64  # images per training step
+epochs = 30  # training epochs when no teacher file exists
+lr = 2e-3  # peak learning rate (AdamW, one-cycle schedule)
+weight_decay = 0.05  # AdamW weight decay
+label_smoothing = 0.1  # cross-entropy label smoothing
+teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
+pretrained = True  # start from ImageNet weights when torchvision can load them
+seed = 0  # random seed (weights, batch order, augmentation)
+device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+ckpt_dir = "checkpoints"  # where checkpoints and results.json go
+cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+resume = False  # continue an interrupted run from its resumable state
+
+
+def imagenet_start(model):
+    """Copy ImageNet weights (all but the classifier) into model, if torchvision can get them."""
+    try:
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as e:
+        print(f"ImageNet weights unavailable ({str(e).splitlines()[0][:80]}); training from scratch")
+        return model
+    weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    model.load_state_dict(weights, strict=False)
+    print("starting from ImageNet weights")
+    return model
+
+
+def main():
+    cfg = common.configure(globals())
+    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    path = ckpt_dir / common.TEACHER_FILE
+    data = common.data_for(cfg, splits=("training", "validation"))
+
+    if path.exists():
+        teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
+        device = common.pick_device(cfg.device)
+        teacher = common.prepare(teacher, device)
+        val_x, val_y = common.to_device_images(data.val, device)
+        _, acc = common.evaluate(teacher, val_x, val_y, cfg.batch_size, cfg.img_size, norm)
+        print(f"{path} found: val acc {acc:.4f} at {cfg.img_size} px (norm={norm}); not retraining")
+    else:
+        common.seed_everything(cfg.seed)
+        teacher = common.make_teacher(data.num_classes)
+        if cfg.pretrained:
+            teacher = imagenet_start(teacher)
+        print(f"training the ResNet18 teacher for {cfg.epochs} epochs (norm={cfg.teacher_norm})")
+        work = ckpt_dir / "teacher_resnet18.train.pt"
+        best = common.fit(teacher, data, cfg, work, norm=cfg.teacher_norm, desc="teacher")
+        teacher = common.load_model(work)[0]
+        common.save_teacher(path, teacher, cfg.teacher_norm,
+                            {"img_size": cfg.img_size, "val_acc": best["val_acc"]})
+        work.unlink()
+        acc = best["val_acc"]
+        print(f"teacher: val acc {acc:.4f} (epoch {best['epoch']}) -> {path}")
+    common.record_model(ckpt_dir, "0 teacher", "teacher_resnet18", teacher, path, acc, cfg.img_size)
+
+
+if __name__ == "__main__":
+    common.run(main)

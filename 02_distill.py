@@ -1,0 +1,75 @@
+"""Stage 2 - knowledge distillation: the student learns from the frozen ResNet18 teacher.
+
+Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y),
+the KL taken on the student's log_softmax. The teacher sees the same augmented batch as the
+student, in inference mode. Saves the best-on-validation student as checkpoints/student_kd.pt
+and ends with teacher / scratch student / distilled student accuracy side by side.
+
+    python 02_distill.py
+    python 02_distill.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
+"""
+import common
+
+# --- settings (each can be overridden as --name=value) -------------------------------------
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+img_size = 224  # crop size fed to student and teacher (pixels)
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+rotate = 10.0  # training augmentation: random rotation up to this many degrees
+jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+batch_size = 64  # images per training step
+epochs = 40  # distillation epochs
+lr = 3e-3  # peak learning rate (AdamW, one-cycle schedule)
+weight_decay = 0.05  # AdamW weight decay
+temperature = 20.0  # softmax temperature T of the distillation term
+alpha = 0.5  # weight of the distillation term (1 - alpha goes to cross-entropy)
+sparsity = 0.0  # L1 weight on BatchNorm gammas (network slimming); e.g. 1e-4
+from_scratch = True  # start the student from random weights, not from student_scratch.pt
+teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
+base = 16  # student base width (when from_scratch)
+width_mult = 1.0  # student width multiplier of blocks 3-6 (when from_scratch)
+seed = 0  # random seed (weights, batch order, augmentation)
+device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+ckpt_dir = "checkpoints"  # where checkpoints and results.json go
+cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+resume = False  # continue an interrupted run from its resumable state
+
+
+def main():
+    cfg = common.configure(globals())
+    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    data = common.data_for(cfg, splits=("training", "validation"))
+    device = common.pick_device(cfg.device)
+    teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
+    teacher = common.prepare(teacher, device)
+    val_x, val_y = common.to_device_images(data.val, device)
+    teacher_acc = common.evaluate(teacher, val_x, val_y, cfg.batch_size, cfg.img_size, norm)[1]
+    print(f"teacher: val acc {teacher_acc:.4f} at {cfg.img_size} px (norm={norm})")
+
+    common.seed_everything(cfg.seed)
+    scratch_path = ckpt_dir / "student_scratch.pt"
+    if cfg.from_scratch:
+        student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
+    else:
+        student = common.load_model(scratch_path, "student", data.num_classes,
+                                    made_by="01_architecture.py")[0]
+    loss = common.distill_loss(teacher, norm, cfg.temperature, cfg.alpha)
+    path = ckpt_dir / "student_kd.pt"
+    print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
+          f"sparsity={cfg.sparsity})")
+    best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill")
+    student = common.load_model(path)[0]
+    common.record_model(ckpt_dir, "2 distillation", "student_kd", student, path, best["val_acc"],
+                        cfg.img_size, temperature=cfg.temperature, alpha=cfg.alpha)
+
+    rows = [{"model": "teacher (ResNet18)", "val_acc": teacher_acc}]
+    if scratch_path.exists():
+        scratch = common.prepare(common.load_model(scratch_path, "student")[0], device)
+        rows.append({"model": "student from scratch", "val_acc": common.evaluate(
+            scratch, val_x, val_y, cfg.batch_size, cfg.img_size, "imagenet")[1]})
+    rows.append({"model": "distilled student", "val_acc": best["val_acc"]})
+    print(f"\nvalidation accuracy at {cfg.img_size} px")
+    print(common.format_table(rows, ["model", "val_acc"]))
+
+
+if __name__ == "__main__":
+    common.run(main)

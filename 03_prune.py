@@ -1,0 +1,210 @@
+"""Stage 3 - network pruning by network slimming (Liu et al. 2017).
+
+A BatchNorm gamma says how much its channel matters. Channel group g (1..7) is the set of
+channels entering block g: made by the previous block's last conv, used by block g's depthwise
+conv, BatchNorm and pointwise conv. slim() drops a group's weakest channels by real surgery on
+those weights and returns a physically smaller StudentNet.
+
+Prunes prune_count times, each time independently from student_kd.pt, keeping
+prune_rate**k of the channels in round k, and fine-tunes each pruned model (a fresh optimizer
+on its own parameters; the distillation loss when the teacher is there). The smallest model
+within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
+
+    python 03_prune.py
+    python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
+"""
+import torch
+
+import common
+
+# --- settings (each can be overridden as --name=value) -------------------------------------
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+img_size = 224  # crop size (pixels); use the one student_kd.pt was trained at
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+rotate = 10.0  # training augmentation: random rotation up to this many degrees
+jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+batch_size = 64  # images per training step
+prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
+prune_count = 5  # pruning rounds, each from student_kd.pt
+prune_groups = "1,2,3,4,5,6,7"  # channel groups that may be pruned (the course pruned 4-7)
+method = "uniform"  # uniform: the same fraction per group; global: one |gamma| threshold for all, at the uniform model's parameter count
+finetune_epochs = 5  # fine-tuning epochs after each pruning
+lr = 1e-3  # peak fine-tuning learning rate (AdamW, one-cycle schedule)
+weight_decay = 0.05  # AdamW weight decay
+sparsity = 0.0  # L1 weight on BN gammas in a fine-tune before pruning, e.g. 1e-4
+sparsity_epochs = 0  # epochs of that sparsity fine-tune (0 = none)
+max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of student_kd
+temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there)
+alpha = 0.5  # distillation weight for fine-tuning
+use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
+teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
+seed = 0  # random seed (batch order, augmentation)
+device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+ckpt_dir = "checkpoints"  # where checkpoints and results.json go
+cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+resume = False  # continue an interrupted run; finished rounds are reused
+
+
+# ============================================================================================
+# The surgery
+# ============================================================================================
+
+GROUPS = range(1, 8)
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def importance(model, g):
+    """|gamma| of the BatchNorm in block g: one score per channel entering block g."""
+    return model.cnn[g][1].weight.detach().abs()
+
+
+def slim_counts(model, counts):
+    """A new StudentNet keeping, in each group g of `counts`, its counts[g] strongest channels."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    widths = list(model.widths)
+    for g, count in counts.items():
+        if not 1 <= count <= widths[g - 1]:
+            raise ValueError(f"group {g} has {widths[g - 1]} channels; cannot keep {count}")
+        idx = importance(model, g).topk(count).indices.sort().values
+        producer = ["cnn.0.0.weight", "cnn.0.0.bias"] + [f"cnn.0.1.{k}" for k in BN_KEYS] if g == 1 \
+            else [f"cnn.{g - 1}.3.weight", f"cnn.{g - 1}.3.bias"]
+        block = [f"cnn.{g}.0.weight", f"cnn.{g}.0.bias"] + [f"cnn.{g}.1.{k}" for k in BN_KEYS]
+        for key in producer + block:
+            sd[key] = sd[key][idx]
+        sd[f"cnn.{g}.3.weight"] = sd[f"cnn.{g}.3.weight"][:, idx]
+        widths[g - 1] = count
+    slim_model = common.StudentNet(widths=widths, num_classes=model.fc[0].out_features)
+    slim_model.load_state_dict(sd)
+    return slim_model
+
+
+def slim(model, keep, groups=GROUPS):
+    """Keep round(keep * width) channels (at least 1) in each group; keep: one float or one per group."""
+    groups = list(groups)
+    keeps = [keep] * len(groups) if isinstance(keep, (int, float)) else list(keep)
+    if len(keeps) != len(groups):
+        raise ValueError(f"{len(keeps)} keep values for {len(groups)} groups")
+    counts = {g: max(1, round(k * model.widths[g - 1])) for g, k in zip(groups, keeps)}
+    return slim_counts(model.cpu(), counts)
+
+
+def global_counts(model, max_params, groups=GROUPS):
+    """Per-group counts from one |gamma| threshold over all groups (the paper's way), as low
+    as it can go while the slim model has at most max_params parameters."""
+    groups, model = list(groups), model.cpu()
+    scores = torch.cat([importance(model, g) for g in groups])
+    owner = torch.cat([torch.full((model.widths[g - 1],), g) for g in groups])
+    ranked = owner[scores.argsort(descending=True)]
+
+    def counts_for(top):
+        return {g: max(1, int((ranked[:top] == g).sum())) for g in groups}
+
+    def params(counts):
+        widths = list(model.widths)
+        for g, c in counts.items():
+            widths[g - 1] = c
+        return common.count_params(common.StudentNet(widths=widths, num_classes=model.fc[0].out_features))
+
+    lo, hi = 0, len(ranked)  # the largest `top` whose model fits max_params
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if params(counts_for(mid)) <= max_params else (lo, mid - 1)
+    return counts_for(lo)
+
+
+def parse_groups(text):
+    try:
+        groups = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        groups = []
+    if not groups or not set(groups) <= set(GROUPS):
+        raise common.UserError(f"--prune_groups={text!r}: give block numbers from 1 to 7, e.g. 4,5,6,7")
+    return groups
+
+
+# ============================================================================================
+# The pruning rounds
+# ============================================================================================
+
+def main():
+    cfg = common.configure(globals())
+    if cfg.method not in ("uniform", "global"):
+        raise common.UserError(f"--method={cfg.method}: it must be uniform or global")
+    groups = parse_groups(cfg.prune_groups)
+    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    kd_path = ckpt_dir / "student_kd.pt"
+    data = common.data_for(cfg, splits=("training", "validation"))
+    kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
+    norm = preprocess.get("norm", "imagenet")
+    device = common.pick_device(cfg.device)
+    val_x, val_y = common.to_device_images(data.val, device)
+
+    def accuracy(model):
+        return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
+                               cfg.img_size, norm)[1]
+
+    kd_acc = accuracy(kd)
+    loss = None
+    if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
+        teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
+        loss = common.distill_loss(common.prepare(teacher, device), teacher_norm, cfg.temperature, cfg.alpha)
+    print(f"student_kd: {common.count_params(kd):,} params, val acc {kd_acc:.4f}; fine-tuning with "
+          f"{'distillation' if loss else 'cross-entropy'}")
+
+    base = kd.cpu()
+    if cfg.sparsity and cfg.sparsity_epochs:
+        print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
+        sparse_path = ckpt_dir / "student_sparse.pt"
+        common.fit(kd, data, common.Settings({**cfg, "epochs": cfg.sparsity_epochs}), sparse_path,
+                   norm=norm, loss_fn=loss, sparsity=cfg.sparsity, desc="sparsity")
+        base = common.load_model(sparse_path)[0]
+        print(f"after the sparsity fine-tune: val acc {accuracy(base):.4f}")
+        base = base.cpu()
+
+    rows = []
+    tune_cfg = common.Settings({**cfg, "epochs": cfg.finetune_epochs})
+    for k in range(1, cfg.prune_count + 1):
+        keep = cfg.prune_rate ** k
+        model = slim(base, keep, groups)
+        if cfg.method == "global":
+            model = slim_counts(base, global_counts(base, common.count_params(model), groups))
+        name = f"student_pruned_{keep:.3f}" + ("_global" if cfg.method == "global" else "")
+        path = ckpt_dir / f"{name}.pt"
+        before = accuracy(model)
+        print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
+              f"{common.count_params(model):,} params, val acc {before:.4f} before fine-tuning")
+        if cfg.resume and path.exists() and not common.resume_path(path).exists():
+            print(f"reusing finished round {path}")
+        elif cfg.finetune_epochs:
+            common.fit(model, data, tune_cfg, path, norm=norm, loss_fn=loss, desc=f"round {k}")
+        else:
+            common.save_checkpoint(path, model, {**preprocess}, {"val_acc": before})
+        model = common.load_model(path)[0]
+        after = accuracy(model)
+        row = {"keep": round(keep, 3), "params": common.count_params(model),
+               "macs": common.count_macs(model.cpu(), cfg.img_size), "bytes": common.file_bytes(path),
+               "acc_before": round(before, 4), "acc_after": round(after, 4), "path": path}
+        rows.append(row)
+        common.record_model(ckpt_dir, "3 pruning", name, model, path, after, cfg.img_size,
+                            keep=row["keep"], method=cfg.method, acc_before=row["acc_before"])
+
+    ok = [r for r in rows if r["acc_after"] >= kd_acc - cfg.max_acc_drop]
+    chosen = min(ok, key=lambda r: r["params"]) if ok else max(rows, key=lambda r: r["acc_after"])
+    if not ok:
+        common.warn(f"no round is within max_acc_drop={cfg.max_acc_drop} of student_kd "
+                    f"({kd_acc:.4f}); keeping the most accurate one")
+    final = ckpt_dir / "student_pruned.pt"
+    blob = chosen["path"].read_bytes()
+    common.atomic_write(final, lambda f: f.write(blob))
+    model = common.load_model(final)[0]
+    common.record_model(ckpt_dir, "3 pruning", "student_pruned", model, final, chosen["acc_after"],
+                        cfg.img_size, keep=chosen["keep"], method=cfg.method)
+    print(f"\npruning from student_kd ({common.count_params(kd):,} params, val acc {kd_acc:.4f}), "
+          f"method {cfg.method}, groups {groups}")
+    print(common.format_table(rows, ["keep", "params", "macs", "bytes", "acc_before", "acc_after"]))
+    print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, "
+          f"val acc {chosen['acc_after']:.4f})")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,261 @@
+"""Stage 4 - weight quantization, and the final model.
+
+16 bit: every floating tensor as float16. 8 bit: per tensor, min-max normalise, times 255,
+rounded to uint8, min and max stored beside; decoding restores q/255*(max-min)+min. Beyond the
+homework: per-output-channel ranges and 6/4-bit packed codes, each also zip-compressed, so the
+bytes-vs-accuracy cliff shows. Files are .npz (np.load(..., allow_pickle=False)) and carry the
+model's arch and preprocessing, so they load without being told the shape.
+
+The final model is the smallest file within max_acc_drop of student_kd's accuracy; it writes
+checkpoints/predictions.csv and the script ends with the table of every stage.
+
+    python 04_quantize.py
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+# --- settings (each can be overridden as --name=value) -------------------------------------
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+img_size = 224  # crop size (pixels); use the one the students were trained at
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+batch_size = 64  # images per evaluation step
+models = "student_kd,student_pruned"  # checkpoints (in ckpt_dir) to quantize; missing ones are skipped
+variants = "fp16,q8,q8c,q6c,q4c"  # fp16; qN = N-bit per tensor; qNc = N-bit per output channel
+max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy
+device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+ckpt_dir = "checkpoints"  # where checkpoints and results.json go
+cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+
+
+# ============================================================================================
+# Codecs: a state_dict <-> a few flat numpy arrays and a JSON description
+# ============================================================================================
+
+def encode16(state_dict):
+    return encode(state_dict, 16)
+
+
+def encode8(state_dict, per_channel=False):
+    return encode(state_dict, 8, per_channel)
+
+
+def encode(state_dict, bits, per_channel=False):
+    """Arrays for np.savez: 'meta' (JSON), 'ints' (integer buffers as they are), and either
+    'f16' (bits=16) or 'q' (min-max codes, bit-packed) with 'lo'/'hi' (the ranges)."""
+    if not (bits == 16 or 1 <= bits <= 8):
+        raise ValueError(f"bits must be 16 or 1..8, got {bits}")
+    specs, ints, floats, codes, los, his = [], [], [], [], [], []
+    for name, t in state_dict.items():
+        x = t.detach().cpu()
+        spec = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if not x.is_floating_point():
+            spec["store"] = "ints"
+            ints.append(x.reshape(-1).to(torch.int64).numpy())
+        elif bits == 16:
+            spec["store"] = "f16"
+            floats.append(x.reshape(-1).to(torch.float16).numpy())
+        else:
+            spec["store"] = "q"
+            q, lo, hi = minmax_codes(x.double().numpy(), bits, per_channel and x.ndim >= 2)
+            codes.append(q)
+            los.append(lo)
+            his.append(hi)
+        specs.append(spec)
+    meta = {"bits": bits, "per_channel": per_channel, "tensors": specs}
+    arrays = {"ints": concat(ints, np.int64)}
+    if bits == 16:
+        arrays["f16"] = concat(floats, np.float16)
+    else:
+        arrays["q"] = pack_bits(concat(codes, np.uint8), bits)
+        arrays["lo"], arrays["hi"] = concat(los, np.float32), concat(his, np.float32)
+    arrays["meta"] = json_array(meta)
+    return arrays
+
+
+def json_array(obj):
+    """JSON as UTF-8 bytes: a unicode array would spend 4 bytes a character."""
+    return np.frombuffer(json.dumps(obj, separators=(",", ":")).encode(), dtype=np.uint8)
+
+
+def json_of(array):
+    return json.loads(array.tobytes().decode())
+
+
+def minmax_codes(x, bits, per_channel):
+    """(codes, lo, hi): round((x - lo) / (hi - lo) * (2^bits - 1)), per tensor or per row."""
+    rows = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+    lo, hi = rows.min(axis=1).astype(np.float32), rows.max(axis=1).astype(np.float32)
+    span = np.where(hi > lo, hi.astype(np.float64) - lo, 1.0)  # a constant tensor codes as 0
+    levels = 2 ** bits - 1
+    q = np.rint((rows - lo[:, None]) / span[:, None] * levels)
+    return np.clip(q, 0, levels).astype(np.uint8).reshape(-1), lo, hi
+
+
+def decode(arrays):
+    """The state_dict of encode(): codes back to floats, float16 back to float32."""
+    meta = json_of(arrays["meta"])
+    bits, per_channel = meta["bits"], meta["per_channel"]
+    specs = meta["tensors"]
+    q_count = sum(math.prod(s["shape"]) for s in specs if s["store"] == "q")
+    codes = unpack_bits(arrays["q"], bits, q_count) if q_count else None
+    offsets = {"ints": 0, "f16": 0, "q": 0, "range": 0}
+    levels = 2 ** bits - 1
+    sd = {}
+    for s in specs:
+        n, shape, store = math.prod(s["shape"]), s["shape"], s["store"]
+        start = offsets[store]
+        offsets[store] += n
+        if store == "ints":
+            sd[s["name"]] = torch.from_numpy(arrays["ints"][start:start + n].copy()).to(
+                getattr(torch, s["dtype"])).reshape(shape)
+            continue
+        if store == "f16":
+            values = arrays["f16"][start:start + n].astype(np.float32)
+        else:
+            rows = shape[0] if per_channel and len(shape) >= 2 else 1
+            r = offsets["range"]
+            offsets["range"] += rows
+            lo = arrays["lo"][r:r + rows].astype(np.float64)[:, None]
+            hi = arrays["hi"][r:r + rows].astype(np.float64)[:, None]
+            q = codes[start:start + n].reshape(rows, -1).astype(np.float64)
+            values = (q / levels * (hi - lo) + lo).astype(np.float32)
+        sd[s["name"]] = torch.from_numpy(values.reshape(shape)).to(getattr(torch, s["dtype"]))
+    return sd
+
+
+decode16 = decode8 = decode
+
+
+def concat(parts, dtype):
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def pack_bits(codes, bits):
+    """Codes of `bits` bits each into a dense byte string (8-bit codes stay as they are)."""
+    if bits == 8:
+        return codes
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
+    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+
+
+def unpack_bits(packed, bits, count):
+    if bits == 8:
+        return packed[:count]
+    bitmat = np.unpackbits(packed, count=count * bits).reshape(count, bits)
+    return bitmat.astype(np.uint16) @ (1 << np.arange(bits - 1, -1, -1)).astype(np.uint16)
+
+
+# ============================================================================================
+# Files: .npz with the arch and preprocessing inside
+# ============================================================================================
+
+def save_quantized(path, arrays, arch, preprocess, compressed=False):
+    meta = {**json_of(arrays["meta"]), "arch": arch, "preprocess": preprocess}
+    arrays = {**arrays, "meta": json_array(meta)}
+    save = np.savez_compressed if compressed else np.savez
+    common.atomic_write(path, lambda f: save(f, **arrays))
+
+
+def load_quantized(path):
+    """(model, preprocess) from a quantized .npz, without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json_of(arrays["meta"])
+        model = common.build_model(meta["arch"])
+        model.load_state_dict(decode(arrays))
+    except FileNotFoundError:
+        raise common.UserError(f"{path}: not found; run 04_quantize.py first") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise common.UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
+    return model, meta.get("preprocess", {})
+
+
+VARIANTS = {"fp16": (16, False), "q8": (8, False), "q8c": (8, True), "q6c": (6, True),
+            "q4c": (4, True), "q4": (4, False), "q6": (6, False), "q2c": (2, True)}
+
+
+def parse_list(text, allowed, name):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if not items or bad:
+        raise common.UserError(f"--{name}={text!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+# ============================================================================================
+# Quantize, measure, choose the final model
+# ============================================================================================
+
+def main():
+    cfg = common.configure(globals())
+    names = [n for n in cfg.models.split(",") if n.strip()]
+    variants = parse_list(cfg.variants, VARIANTS, "variants")
+    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    data = common.data_for(cfg, splits=("validation", "testing"))
+    device = common.pick_device(cfg.device)
+    val_x, val_y = common.to_device_images(data.val, device)
+
+    def accuracy(model, preprocess):
+        return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
+                               cfg.img_size, preprocess.get("norm", "imagenet"))[1]
+
+    kd_acc, rows, candidates = None, [], []
+    for name in names:
+        path = ckpt_dir / f"{name}.pt"
+        if not path.exists() and name != "student_kd":
+            print(f"{path.name} not found; skipped")
+            continue
+        model, preprocess, _ = common.load_model(path, "student", data.num_classes,
+                                                 made_by="02_distill.py or 03_prune.py")
+        acc = accuracy(model, preprocess)
+        kd_acc = acc if name == "student_kd" else kd_acc
+        rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
+                     "bytes_zip": "", "val_acc": round(acc, 4)})
+        candidates.append((common.file_bytes(path), acc, path))
+        sd = common.cpu_state_dict(model)
+        for variant in variants:
+            bits, per_channel = VARIANTS[variant]
+            arrays = encode(sd, bits, per_channel)
+            plain, packed = ckpt_dir / f"{name}.{variant}.npz", ckpt_dir / f"{name}.{variant}.z.npz"
+            save_quantized(plain, arrays, common.arch_of(model), preprocess)
+            save_quantized(packed, arrays, common.arch_of(model), preprocess, compressed=True)
+            decoded, _ = load_quantized(plain)
+            acc = accuracy(decoded, preprocess)
+            sizes = common.file_bytes(plain), common.file_bytes(packed)
+            rows.append({"model": name, "variant": variant, "bytes": sizes[0], "bytes_zip": sizes[1],
+                         "val_acc": round(acc, 4)})
+            candidates += [(sizes[0], acc, plain), (sizes[1], acc, packed)]
+            common.record_model(ckpt_dir, "4 quantization", f"{name}.{variant}", decoded, plain, acc,
+                                cfg.img_size, bytes_zip=sizes[1])
+    print("\nquantized models (val acc after decoding)")
+    print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", "val_acc"]))
+
+    fits = [c for c in candidates if c[1] >= kd_acc - cfg.max_acc_drop]
+    size, acc, final = min(fits, key=lambda c: (c[0], -c[1]))
+    print(f"\nfinal model: {final.name}: {size:,} bytes, val acc {acc:.4f} "
+          f"(student_kd {kd_acc:.4f}, allowed drop {cfg.max_acc_drop})")
+    if data.test is None:
+        common.warn(f"{data.root} has no testing/ split; no predictions written")
+    else:
+        model, preprocess = (load_quantized(final) if final.suffix == ".npz"
+                             else common.load_model(final)[:2])
+        test_x = data.test.images.to(device)
+        preds = common.predict(common.prepare(model, device), test_x, cfg.batch_size, cfg.img_size,
+                               preprocess.get("norm", "imagenet"))
+        count = common.write_predictions(ckpt_dir / "predictions.csv", data.test.names, preds)
+        print(f"predictions for {count} testing images -> {ckpt_dir / 'predictions.csv'}")
+
+    print("\nevery stage (checkpoints/results.json)")
+    print(common.format_table(sorted(common.read_results(ckpt_dir), key=lambda r: r["stage"]),
+                              ["stage", "model", "params", "bytes", "bytes_zip", "macs", "val_acc"]))
+
+
+if __name__ == "__main__":
+    common.run(main)
