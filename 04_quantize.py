@@ -13,7 +13,7 @@ checkpoints/predictions.csv and the script ends with the table of every stage.
 """
 import json
 import math
-from pathlib import Path
+import zipfile
 
 import numpy as np
 import torch
@@ -172,7 +172,7 @@ def load_quantized(path):
         model.load_state_dict(decode(arrays))
     except FileNotFoundError:
         raise common.UserError(f"{path}: not found; run 04_quantize.py first") from None
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
         raise common.UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
     return model, meta.get("preprocess", {})
 

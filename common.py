@@ -442,7 +442,7 @@ def train_batches(images, labels, batch_size, crop, gen, rotate=0.0, jitter=0.0)
             x = rotate_batch(x, rotate, gen)
         if jitter:
             x = jitter_batch(x, jitter, gen)
-        yield x, labels[idx.to(labels.device)]
+        yield x.contiguous(memory_format=torch.channels_last), labels[idx.to(labels.device)]
 
 
 def eval_batches(images, labels, batch_size, crop):

@@ -1,0 +1,83 @@
+"""The stages as a user runs them: subprocesses on tiny generated data, one epoch each."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import load_script, run_script
+
+
+@pytest.fixture(scope="module")
+def pipeline(sample_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    args = [f"--data_dir={sample_root}", f"--ckpt_dir={tmp / 'ck'}", f"--cache_dir={tmp / 'cache'}",
+            "--img_size=16", "--resize=18", "--batch_size=16", "--device=cpu"]
+    runs = {}
+    for script, extra in [("00_teacher.py", ["--epochs=1"]),
+                          ("01_architecture.py", ["--epochs=2", "--bench=False"]),
+                          ("02_distill.py", ["--epochs=2", "--sparsity=1e-4"]),
+                          ("03_prune.py", ["--prune_count=2", "--finetune_epochs=1", "--max_acc_drop=1"]),
+                          ("04_quantize.py", ["--variants=fp16,q8,q4c", "--max_acc_drop=1"])]:
+        runs[script] = run_script(script, *args, *extra)
+        assert runs[script].returncode == 0, runs[script].stderr
+    return tmp / "ck", runs, args
+
+
+def test_teacher_is_a_plain_state_dict_with_a_preprocessing_note(pipeline):
+    ck, runs, args = pipeline
+    sd = torch.load(ck / "teacher_resnet18.bin", weights_only=True)
+    assert common.arch_from_state_dict(sd) == {"kind": "resnet18", "num_classes": 11}
+    assert json.loads((ck / "teacher_resnet18.json").read_text())["norm"] == "none"
+    assert "training from scratch" in runs["00_teacher.py"].stdout
+    again = run_script("00_teacher.py", *args)
+    assert again.returncode == 0 and "not retraining" in again.stdout
+
+
+def test_architecture_prints_both_models_and_trains_the_baseline(pipeline):
+    ck, runs, args = pipeline
+    out = runs["01_architecture.py"].stdout
+    assert "256,779" in out and "11,182,155" in out and "cnn.7.3" in out
+    assert "scratch epoch   2/2" in out
+    model, preprocess, metrics = common.load_model(ck / "student_scratch.pt")
+    assert preprocess == {"norm": "imagenet", "img_size": 16, "resize": 18}
+    assert 0 <= metrics["val_acc"] <= 1
+
+
+def test_distillation_saves_student_kd_and_compares(pipeline):
+    ck, runs, args = pipeline
+    out = runs["02_distill.py"].stdout
+    for row in ("teacher (ResNet18)", "student from scratch", "distilled student"):
+        assert row in out
+    assert common.load_model(ck / "student_kd.pt")[0].widths == common.student_widths()
+
+
+def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
+    ck, _, _ = pipeline
+    prune = load_script("03_prune.py")
+    kd = common.load_model(ck / "student_kd.pt")[0]
+    for keep in (0.8, 0.64):
+        path = ck / f"student_pruned_{keep:.3f}.pt"
+        pruned = common.load_model(path)[0]
+        fresh = prune.slim(kd, keep)
+        assert pruned.widths == fresh.widths
+        assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
+    assert (ck / "student_pruned.pt").exists()
+
+
+def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
+    ck, runs, args = pipeline
+    out = runs["04_quantize.py"].stdout
+    assert "final model:" in out and "every stage" in out
+    for name in ("student_kd.q8.npz", "student_kd.q8.z.npz", "student_pruned.q4c.npz"):
+        with np.load(ck / name, allow_pickle=False):
+            pass
+    rows = list(csv.reader(open(ck / "predictions.csv")))
+    assert rows[0] == ["Id", "Category"]
+    ids = [r[0] for r in rows[1:]]
+    assert ids == sorted(p.stem for p in (sample_root / "testing").iterdir())
+    assert all(0 <= int(r[1]) < 11 for r in rows[1:])
+    stages = {r["stage"] for r in common.read_results(ck)}
+    assert stages == {"0 teacher", "1 architecture", "2 distillation", "3 pruning", "4 quantization"}

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+import common
+from conftest import load_script
+
+prune = load_script("03_prune.py")
+
+
+def trained_looking_student(widths=None, seed=0):
+    torch.manual_seed(seed)
+    model = common.StudentNet(widths=widths, num_classes=5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics and affine terms
+            m.weight.data.uniform_(0.2, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.77, 1.0])
+def test_dropping_dead_channels_changes_no_output(keep):
+    model = trained_looking_student()
+    for g in prune.GROUPS:  # the channels slim will drop get gamma = beta = 0
+        width = model.widths[g - 1]
+        dead = prune.importance(model, g).argsort()[: width - max(1, round(keep * width))]
+        model.cnn[g][1].weight.data[dead] = 0
+        model.cnn[g][1].bias.data[dead] = 0
+    small = prune.slim(model, keep).eval()
+    expected = [max(1, round(keep * w)) for w in model.widths[:7]] + [model.widths[7]]
+    assert small.widths == expected
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_slim_shapes_params_and_groups():
+    model = trained_looking_student()
+    small = prune.slim(model, [0.5, 0.25], groups=[4, 7])
+    assert small.widths == [16, 32, 64, 64, 256, 256, 64, 256]
+    assert small.cnn[4][0].weight.shape == (64, 1, 3, 3)
+    assert small.cnn[3][3].weight.shape == (64, 64, 1, 1)
+    assert small.cnn[4][3].weight.shape == (256, 64, 1, 1)
+    assert small.cnn[7][3].weight.shape == (256, 64, 1, 1)
+    assert common.count_params(small) == common.count_params(common.StudentNet(widths=small.widths, num_classes=5))
+    assert common.count_params(small) < common.count_params(model)
+    # the strongest channels survive, in their original order
+    kept = prune.importance(model, 4).topk(64).indices.sort().values
+    assert torch.equal(small.cnn[4][1].weight, model.cnn[4][1].weight[kept])
+    with pytest.raises(ValueError):
+        prune.slim(model, [0.5], groups=[4, 7])
+
+
+def test_global_threshold_fits_the_parameter_budget():
+    model = trained_looking_student()
+    budget = common.count_params(prune.slim(model, 0.5))
+    counts = prune.global_counts(model, budget)
+    small = prune.slim_counts(model, counts)
+    assert budget * 0.97 < common.count_params(small) <= budget
+    # one threshold: every kept gamma is at least every dropped one
+    kept, dropped = [], []
+    for g, c in counts.items():
+        order = prune.importance(model, g).sort(descending=True).values
+        kept.append(order[:c].min())
+        if c < len(order):
+            dropped.append(order[c:].max())
+    assert min(kept) >= max(dropped) or any(c == 1 for c in counts.values())
+
+
+def test_a_pruned_checkpoint_rebuilds_its_shape(tmp_path):
+    small = prune.slim(trained_looking_student(), 0.4)
+    common.save_checkpoint(tmp_path / "p.pt", small, {"norm": "imagenet"})
+    model = common.load_model(tmp_path / "p.pt")[0]
+    assert model.widths == small.widths
+    torch.save(small.state_dict(), tmp_path / "plain.bin")   # even without our metadata
+    assert common.load_model(tmp_path / "plain.bin")[0].widths == small.widths
+
+
+def test_bad_prune_groups_are_a_clear_error():
+    assert prune.parse_groups("7,4, 5") == [4, 5, 7]
+    for text in ("0,1", "8", "a", ""):
+        with pytest.raises(common.UserError, match="block numbers from 1 to 7"):
+            prune.parse_groups(text)
