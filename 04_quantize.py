@@ -213,7 +213,7 @@ def main():
             print(f"{path.name} not found; skipped")
             continue
         model, preprocess, _ = common.load_model(path, "student", data.num_classes,
-                                                 made_by="02_distill.py or 03_prune.py")
+                                                 made_by="03_prune.py" if "pruned" in name else "02_distill.py")
         acc = accuracy(model, preprocess)
         kd_acc = acc if name == "student_kd" else kd_acc
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),

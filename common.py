@@ -168,7 +168,7 @@ class Settings(dict):
 def resolve(path):
     """Relative paths are taken from the repository, so scripts run from any folder."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO / p
+    return (p if p.is_absolute() else REPO / p).resolve()
 
 
 def print_help(script_path, cfg):

@@ -1,0 +1,224 @@
+"""Bad input, interrupted runs, safe loading: what a typo, a stray file or Ctrl-C costs (nothing)."""
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import FAST, REPO, run_script
+
+
+def snapshot(folder):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+def assert_clean_error(proc, message, code=2):
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.fixture
+def workspace(sample_root, tmp_path):
+    """A copy of the tiny data set and a checkpoint folder that already holds files."""
+    root = tmp_path / "food"
+    shutil.copytree(sample_root, root)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(common.make_teacher(11).state_dict(), ck / "teacher_resnet18.bin")
+    common.save_checkpoint(ck / "student_scratch.pt", common.StudentNet(), {"norm": "imagenet"})
+    return root, ck
+
+
+def args_for(root, ck, tmp_path):
+    return [f"--data_dir={root}", f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}", *FAST]
+
+
+BAD_DATA = {
+    "root missing": (lambda r: shutil.rmtree(r), "data folder not found"),
+    "split missing": (lambda r: shutil.rmtree(r / "validation"), "split folder missing"),
+    "split empty": (lambda r: [p.unlink() for p in (r / "training").iterdir()], "no .jpg/.jpeg/.png"),
+    "bad label": (lambda r: (r / "training" / "0_0.jpg").rename(r / "training" / "rice.jpg"),
+                  "integer class"),
+    "label outside classes.txt": (lambda r: (r / "classes.txt").write_text("a\nb\nc\n"),
+                                  "outside classes.txt"),
+    "all unreadable": (lambda r: [p.write_bytes(b"") for p in (r / "validation").iterdir()],
+                       "no readable image left"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_exits_2_with_one_line(workspace, tmp_path, case):
+    root, ck = workspace
+    before = snapshot(ck)
+    break_it, message = BAD_DATA[case]
+    break_it(root)
+    proc = run_script("02_distill.py", *args_for(root, ck, tmp_path))
+    assert_clean_error(proc, message)
+    assert snapshot(ck) == before
+
+
+def test_unreadable_files_are_skipped_with_one_warning_each(workspace, tmp_path):
+    root, ck = workspace
+    (root / "training" / "0_100.jpg").write_bytes(b"")
+    (root / "training" / "0_101.png").write_bytes(b"\x89PNG not really")
+    good = (root / "training" / "1_0.jpg").read_bytes()
+    (root / "training" / "1_102.jpg").write_bytes(good[:100])
+    proc = run_script("01_architecture.py", *args_for(root, ck, tmp_path), "--epochs=1", "--bench=False")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("0_100.jpg", "0_101.png", "1_102.jpg"):
+        assert proc.stderr.count(name) == 1
+
+
+def bad_teacher(ck, kind):
+    path = ck / "teacher_resnet18.bin"
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "student":
+        torch.save(common.StudentNet().state_dict(), path)
+    elif kind == "classes":
+        torch.save(common.make_teacher(10).state_dict(), path)
+    elif kind == "pickle":
+        torch.save({"conv1.weight": torch.zeros(1), "evil": os.system}, path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "not found; run 00_teacher.py first"),
+    ("truncated", "damaged or not a PyTorch file"),
+    ("student", "holds a StudentNet (widths [16, 32, 64, 128, 256, 256, 256, 256]) with 11 classes, "
+                "but a ResNet18 with 11 classes is needed"),
+    ("classes", "holds a ResNet18 with 10 classes, but a ResNet18 with 11 classes"),
+    ("pickle", "refused, it holds Python objects beyond weights"),
+])
+def test_bad_input_checkpoints(workspace, tmp_path, kind, message):
+    root, ck = workspace
+    bad_teacher(ck, kind)
+    before = snapshot(ck)
+    assert_clean_error(run_script("02_distill.py", *args_for(root, ck, tmp_path)), message)
+    assert snapshot(ck) == before
+
+
+def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
+    root, ck = workspace
+    for script in ("03_prune.py", "04_quantize.py"):
+        assert_clean_error(run_script(script, *args_for(root, ck, tmp_path)),
+                           "student_kd.pt: not found; run 02_distill.py first")
+
+
+@pytest.mark.parametrize("script, arg, message", [
+    ("01_architecture.py", "--epochz=3", "unknown setting --epochz"),
+    ("01_architecture.py", "--epochs=1.5", "--epochs takes a int"),
+    ("01_architecture.py", "--epochs=0", "--epochs=0 is out of range"),
+    ("01_architecture.py", "--batch_size=0", "--batch_size=0 is out of range"),
+    ("02_distill.py", "--lr=0", "--lr=0.0 is out of range"),
+    ("03_prune.py", "--prune_rate=1.5", "--prune_rate=1.5 is out of range: it must be in (0, 1)"),
+    ("02_distill.py", "--temperature=0", "--temperature=0.0 is out of range"),
+    ("02_distill.py", "--alpha=2", "--alpha=2.0 is out of range"),
+    ("03_prune.py", "--method=best", "--method=best: it must be uniform or global"),
+    ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': choose from"),
+])
+def test_bad_settings(workspace, tmp_path, script, arg, message):
+    root, ck = workspace
+    before = snapshot(ck)
+    assert_clean_error(run_script(script, *args_for(root, ck, tmp_path), arg), message)
+    assert snapshot(ck) == before
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_training(workspace, tmp_path):
+    root, _ = workspace
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    proc = run_script("01_architecture.py", *args_for(root, blocker / "ck", tmp_path))
+    assert_clean_error(proc, "cannot write checkpoints here")
+    assert "training" not in proc.stdout
+
+
+# --- interrupted runs, NaN, determinism -----------------------------------------------------
+
+def train_args(root, ck, tmp_path, epochs=4):
+    return [f"--data_dir={root}", f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}", *FAST,
+            f"--epochs={epochs}", "--bench=False"]
+
+
+def tensors(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, str(REPO / "01_architecture.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(sample_root, tmp_path_factory):
+    """Two uninterrupted runs with the same seed."""
+    out = []
+    for i in range(2):
+        tmp = tmp_path_factory.mktemp(f"ref{i}")
+        proc = run_script("01_architecture.py", *train_args(sample_root, tmp / "ck", tmp))
+        assert proc.returncode == 0, proc.stderr
+        out.append((tmp / "ck", proc.stdout))
+    return out
+
+
+def test_same_seed_gives_identical_accuracies_and_tensors(reference):
+    (ck1, out1), (ck2, out2) = reference
+    acc = lambda out: re.findall(r"val loss \S+ acc \S+", out)
+    assert acc(out1) == acc(out2) and len(acc(out1)) == 4
+    a, b = tensors(ck1 / "student_scratch.pt"), tensors(ck2 / "student_scratch.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    args = train_args(sample_root, ck, tmp_path)
+    proc = start(args)
+    wait_for(ck / "student_scratch.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_script("01_architecture.py", *args, "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming scratch" in resumed.stdout
+    a, b = tensors(reference[0][0] / "student_scratch.pt"), tensors(ck / "student_scratch.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (ck / "student_scratch.pt.resume.pt").exists()
+    assert not list(ck.glob(".*tmp*"))
+
+
+def test_ctrl_c_exits_130_and_says_where_the_state_is(sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    proc = start(train_args(sample_root, ck, tmp_path, epochs=50))
+    wait_for(ck / "student_scratch.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    common.load_model(ck / "student_scratch.pt")  # the best checkpoint is whole
+    torch.load(ck / "student_scratch.pt.resume.pt", weights_only=True)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_best_checkpoint(workspace, tmp_path):
+    root, ck = workspace
+    best = (ck / "student_scratch.pt").read_bytes()
+    proc = run_script("01_architecture.py", *train_args(root, ck, tmp_path, epochs=2), "--lr=1e30")
+    assert_clean_error(proc, "in epoch 1, step")
+    assert "try a lower --lr" in proc.stderr
+    assert (ck / "student_scratch.pt").read_bytes() == best
