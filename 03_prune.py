@@ -13,6 +13,8 @@ within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
 """
+import cv2
+import numpy as np
 import torch
 
 import common
@@ -123,6 +125,48 @@ def parse_groups(text):
 
 
 # ============================================================================================
+# The plot: accuracy against parameters and bytes, drawn with OpenCV (no plotting package)
+# ============================================================================================
+
+def plot_rounds(path, rows, kd):
+    """Two panels, x = params and x = file bytes; each round before (grey) and after (blue)
+    fine-tuning, student_kd in red."""
+    width, height, pad = 1000, 440, 70
+    img = np.full((height, width, 3), 255, np.uint8)
+    accs = [kd["acc"]] + [r[k] for r in rows for k in ("acc_before", "acc_after")]
+    y_lo, y_hi = min(accs) - 0.02, max(accs) + 0.02
+    for panel, key in enumerate(("params", "bytes")):
+        left, right, top, bottom = panel * width // 2 + pad, (panel + 1) * width // 2 - 25, 40, height - pad
+        xs = [kd[key]] + [r[key] for r in rows]
+        x_lo, x_hi = 0, max(xs) * 1.05
+
+        def at(x, y):
+            return (int(left + (x - x_lo) / (x_hi - x_lo) * (right - left)),
+                    int(bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)))
+        cv2.rectangle(img, (left, top), (right, bottom), (0, 0, 0), 1)
+        text(img, f"val acc vs {key}", (left, top - 12))
+        text(img, f"{x_hi:,.0f}", (right - 70, bottom + 20))
+        text(img, "0", (left, bottom + 20))
+        for y in (y_lo, y_hi):
+            text(img, f"{y:.2f}", (left - 50, at(0, y)[1] + 5))
+        for r in rows:
+            before, after = at(r[key], r["acc_before"]), at(r[key], r["acc_after"])
+            cv2.line(img, before, after, (200, 200, 200), 1)
+            cv2.circle(img, before, 4, (150, 150, 150), 1, cv2.LINE_AA)
+            cv2.circle(img, after, 5, (200, 90, 20), -1, cv2.LINE_AA)
+            text(img, f"{r['keep']:.2f}", (after[0] + 6, after[1] - 6))
+        cv2.circle(img, at(kd[key], kd["acc"]), 6, (30, 30, 220), -1, cv2.LINE_AA)
+        text(img, "kd", (at(kd[key], kd["acc"])[0] - 25, at(kd[key], kd["acc"])[1] - 8))
+    text(img, "grey: just pruned   blue: after fine-tuning (label: keep)   red: student_kd",
+         (pad, height - 20))
+    common.atomic_write(path, lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
+
+
+def text(img, s, org):
+    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+# ============================================================================================
 # The pruning rounds
 # ============================================================================================
 
@@ -151,8 +195,9 @@ def main():
     print(f"student_kd: {common.count_params(kd):,} params, val acc {kd_acc:.4f}; fine-tuning with "
           f"{'distillation' if loss else 'cross-entropy'}")
 
+    sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
     base = kd.cpu()
-    if cfg.sparsity and cfg.sparsity_epochs:
+    if sparse:
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
         sparse_path = ckpt_dir / "student_sparse.pt"
         common.fit(kd, data, common.Settings({**cfg, "epochs": cfg.sparsity_epochs}), sparse_path,
@@ -161,6 +206,7 @@ def main():
         print(f"after the sparsity fine-tune: val acc {accuracy(base):.4f}")
         base = base.cpu()
 
+    variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     rows = []
     tune_cfg = common.Settings({**cfg, "epochs": cfg.finetune_epochs})
     for k in range(1, cfg.prune_count + 1):
@@ -168,7 +214,7 @@ def main():
         model = slim(base, keep, groups)
         if cfg.method == "global":
             model = slim_counts(base, global_counts(base, common.count_params(model), groups))
-        name = f"student_pruned_{keep:.3f}" + ("_global" if cfg.method == "global" else "")
+        name = f"student_pruned_{keep:.3f}{variant}"
         path = ckpt_dir / f"{name}.pt"
         before = accuracy(model)
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
@@ -204,6 +250,10 @@ def main():
     print(common.format_table(rows, ["keep", "params", "macs", "bytes", "acc_before", "acc_after"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, "
           f"val acc {chosen['acc_after']:.4f})")
+    plot = ckpt_dir / f"pruning_{cfg.method}{variant.removeprefix('_global')}.png"
+    plot_rounds(plot, rows, {"params": common.count_params(kd), "bytes": common.file_bytes(kd_path),
+                             "acc": kd_acc})
+    print(f"plot -> {plot}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -65,6 +66,7 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
         assert pruned.widths == fresh.widths
         assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
     assert (ck / "student_pruned.pt").exists()
+    assert cv2.imread(str(ck / "pruning_uniform.png")).shape == (440, 1000, 3)
 
 
 def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
