@@ -29,7 +29,7 @@ batch_size = 64  # images per training step
 prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
 prune_count = 5  # pruning rounds, each from student_kd.pt
 prune_groups = "1,2,3,4,5,6,7"  # channel groups that may be pruned (the course pruned 4-7)
-method = "uniform"  # uniform: the same fraction per group; global: one |gamma| threshold for all, at the uniform model's parameter count
+method = "global"  # global: one |gamma| threshold over all groups, at the uniform model's parameter count; uniform: the same fraction per group
 finetune_epochs = 5  # fine-tuning epochs after each pruning
 lr = 1e-3  # peak fine-tuning learning rate (AdamW, one-cycle schedule)
 weight_decay = 0.05  # AdamW weight decay
@@ -170,6 +170,24 @@ def text(img, s, org):
 # The pruning rounds
 # ============================================================================================
 
+def prune_model(base, keep, groups, method):
+    """The round's pruned model: `keep` of each group, or (global) one |gamma| threshold at
+    the uniform model's parameter count."""
+    model = slim(base, keep, groups)
+    if method == "global":
+        model = slim_counts(base, global_counts(base, common.count_params(model), groups))
+    return model
+
+
+def choose_smallest(rows, kd_acc, max_acc_drop):
+    ok = [r for r in rows if r["acc_after"] >= kd_acc - max_acc_drop]
+    if ok:
+        return min(ok, key=lambda r: r["params"])
+    common.warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_acc:.4f}); "
+                "keeping the most accurate one")
+    return max(rows, key=lambda r: r["acc_after"])
+
+
 def main():
     cfg = common.configure(globals())
     if cfg.method not in ("uniform", "global"):
@@ -187,33 +205,35 @@ def main():
         return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
                                cfg.img_size, norm)[1]
 
-    kd_acc = accuracy(kd)
+    def fine_tune(model, path, epochs, desc, sparsity=0.0):
+        """Train `model` (a fresh optimizer on its own parameters) and return the best of it."""
+        common.fit(model, data, common.Settings({**cfg, "epochs": epochs}), path, norm=norm,
+                   loss_fn=loss, sparsity=sparsity, desc=desc)
+        return common.load_model(path)[0].cpu()
+
+    kd_acc, kd_params = accuracy(kd), common.count_params(kd)
     loss = None
     if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
         teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         loss = common.distill_loss(common.prepare(teacher, device), teacher_norm, cfg.temperature, cfg.alpha)
-    print(f"student_kd: {common.count_params(kd):,} params, val acc {kd_acc:.4f}; fine-tuning with "
+    print(f"student_kd: {kd_params:,} params, val acc {kd_acc:.4f}; fine-tuning with "
           f"{'distillation' if loss else 'cross-entropy'}")
 
+    # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
     base = kd.cpu()
     if sparse:
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
-        sparse_path = ckpt_dir / "student_sparse.pt"
-        common.fit(kd, data, common.Settings({**cfg, "epochs": cfg.sparsity_epochs}), sparse_path,
-                   norm=norm, loss_fn=loss, sparsity=cfg.sparsity, desc="sparsity")
-        base = common.load_model(sparse_path)[0]
+        base = fine_tune(kd, ckpt_dir / "student_sparse.pt", cfg.sparsity_epochs, "sparsity", cfg.sparsity)
         print(f"after the sparsity fine-tune: val acc {accuracy(base):.4f}")
         base = base.cpu()
 
+    # --- the rounds, each from the same base ------------------------------------------------
     variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     rows = []
-    tune_cfg = common.Settings({**cfg, "epochs": cfg.finetune_epochs})
     for k in range(1, cfg.prune_count + 1):
         keep = cfg.prune_rate ** k
-        model = slim(base, keep, groups)
-        if cfg.method == "global":
-            model = slim_counts(base, global_counts(base, common.count_params(model), groups))
+        model = prune_model(base, keep, groups, cfg.method)
         name = f"student_pruned_{keep:.3f}{variant}"
         path = ckpt_dir / f"{name}.pt"
         before = accuracy(model)
@@ -221,38 +241,32 @@ def main():
               f"{common.count_params(model):,} params, val acc {before:.4f} before fine-tuning")
         if cfg.resume and path.exists() and not common.resume_path(path).exists():
             print(f"reusing finished round {path}")
+            model = common.load_model(path)[0]
         elif cfg.finetune_epochs:
-            common.fit(model, data, tune_cfg, path, norm=norm, loss_fn=loss, desc=f"round {k}")
+            model = fine_tune(model, path, cfg.finetune_epochs, f"round {k}")
         else:
-            common.save_checkpoint(path, model, {**preprocess}, {"val_acc": before})
-        model = common.load_model(path)[0]
+            common.save_checkpoint(path, model, preprocess, {"val_acc": before})
         after = accuracy(model)
-        row = {"keep": round(keep, 3), "params": common.count_params(model),
-               "macs": common.count_macs(model.cpu(), cfg.img_size), "bytes": common.file_bytes(path),
-               "acc_before": round(before, 4), "acc_after": round(after, 4), "path": path}
-        rows.append(row)
+        rows.append({"keep": round(keep, 3), "params": common.count_params(model),
+                     "macs": common.count_macs(model.cpu(), cfg.img_size), "bytes": common.file_bytes(path),
+                     "acc_before": round(before, 4), "acc_after": round(after, 4), "path": path})
         common.record_model(ckpt_dir, "3 pruning", name, model, path, after, cfg.img_size,
-                            keep=row["keep"], method=cfg.method, acc_before=row["acc_before"])
+                            keep=rows[-1]["keep"], method=cfg.method, acc_before=rows[-1]["acc_before"])
 
-    ok = [r for r in rows if r["acc_after"] >= kd_acc - cfg.max_acc_drop]
-    chosen = min(ok, key=lambda r: r["params"]) if ok else max(rows, key=lambda r: r["acc_after"])
-    if not ok:
-        common.warn(f"no round is within max_acc_drop={cfg.max_acc_drop} of student_kd "
-                    f"({kd_acc:.4f}); keeping the most accurate one")
+    # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
+    chosen = choose_smallest(rows, kd_acc, cfg.max_acc_drop)
     final = ckpt_dir / "student_pruned.pt"
     blob = chosen["path"].read_bytes()
     common.atomic_write(final, lambda f: f.write(blob))
-    model = common.load_model(final)[0]
-    common.record_model(ckpt_dir, "3 pruning", "student_pruned", model, final, chosen["acc_after"],
-                        cfg.img_size, keep=chosen["keep"], method=cfg.method)
-    print(f"\npruning from student_kd ({common.count_params(kd):,} params, val acc {kd_acc:.4f}), "
-          f"method {cfg.method}, groups {groups}")
+    common.record_model(ckpt_dir, "3 pruning", "student_pruned", common.load_model(final)[0], final,
+                        chosen["acc_after"], cfg.img_size, keep=chosen["keep"], method=cfg.method)
+    print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_acc:.4f}), "
+          f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}")
     print(common.format_table(rows, ["keep", "params", "macs", "bytes", "acc_before", "acc_after"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, "
           f"val acc {chosen['acc_after']:.4f})")
-    plot = ckpt_dir / f"pruning_{cfg.method}{variant.removeprefix('_global')}.png"
-    plot_rounds(plot, rows, {"params": common.count_params(kd), "bytes": common.file_bytes(kd_path),
-                             "acc": kd_acc})
+    plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
+    plot_rounds(plot, rows, {"params": kd_params, "bytes": common.file_bytes(kd_path), "acc": kd_acc})
     print(f"plot -> {plot}")
 
 

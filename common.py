@@ -297,23 +297,30 @@ def load_data(root, resize, cache_dir=None, splits=("training", "validation", "t
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found (it must hold training/ and validation/)")
-    train = load_split(root, "training", resize, cache_dir=cache_dir) if "training" in splits else None
-    val = load_split(root, "validation", resize, cache_dir=cache_dir)
+    names = class_names(root)
+
+    def load(split, labeled=True):
+        return load_split(root, split, resize, labeled, cache_dir)
+    train = load("training") if "training" in splits else None
+    val = load("validation")
     test = None
     if "testing" in splits and (root / "testing").is_dir():
-        test = load_split(root, "testing", resize, labeled=False, cache_dir=cache_dir)
-    labeled = [s for s in (train, val) if s is not None]
+        test = load("testing", labeled=False)
+    return Data(train, val, test, len(names), names, str(root))
+
+
+def class_names(root):
+    """From classes.txt, else from the largest label among the training and validation file
+    names (so a stage that decodes only some splits sees the same classes)."""
+    labels = {p: parse_label(p) for split in ("training", "validation") for p in list_images(root, split)}
     names = read_class_names(root)
     if names is None:
-        count = 1 + max(int(s.labels.max()) for s in labeled)
-        names = FOOD11_CLASSES if count == 11 else [f"class {i}" for i in range(count)]
-    for s in labeled:
-        bad = int(s.labels.max())
-        if bad >= len(names):
-            name = s.names[int(s.labels.argmax())]
-            raise UserError(f"{root}: label {bad} of {name} is outside classes.txt "
-                            f"({len(names)} classes)")
-    return Data(train, val, test, len(names), names, str(root))
+        count = 1 + max(labels.values())
+        return FOOD11_CLASSES if count == 11 else [f"class {i}" for i in range(count)]
+    for path, label in labels.items():
+        if label >= len(names):
+            raise UserError(f"{path}: label {label} is outside classes.txt ({len(names)} classes)")
+    return names
 
 
 def read_class_names(root):
@@ -408,18 +415,21 @@ def rotate_batch(x, degrees, gen):
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+    # Black corners, as torchvision's RandomRotation leaves them.
+    return F.grid_sample(x.contiguous(), grid, padding_mode="zeros", align_corners=False)
 
 
 def jitter_batch(x, amount, gen):
-    """Brightness, contrast and saturation, each scaled by a factor in [1-amount, 1+amount]."""
+    """Brightness, contrast and saturation, each scaled by a factor in [1-amount, 1+amount].
+
+    Applied one after the other these are x*b, then (x-mean)*c+mean, then (x-grey)*s+grey;
+    folded together they are one pass: A*x + B*grey(x) + C with per-image A, B, C.
+    """
     n = x.shape[0]
     b, c, s = ((1 + (torch.rand(3, n, 1, 1, 1, generator=gen) * 2 - 1) * amount).to(x.device))
-    x = x * b
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * c + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True) * b
     grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return ((x - grey) * s + grey).clamp_(0, 1)
+    return torch.addcmul(mean * (1 - c), x, s * b * c).add_(grey.mul_((1 - s) * b * c)).clamp_(0, 1)
 
 
 def normalize(x, norm):
@@ -549,13 +559,13 @@ def count_macs(model, img_size):
 
 def pick_device(name):
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: no CUDA device here; use --device=auto or cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={name}: no CUDA device here; use --device=auto or cpu")
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     return torch.device(name)
 
 

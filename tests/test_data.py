@@ -123,6 +123,17 @@ def test_batches_are_augmented_whole_and_centre_cropped_for_eval():
     assert torch.equal(x[0], images[0, 1:9, 1:9].permute(2, 0, 1).float() / 255)
 
 
+def test_folded_jitter_equals_the_three_steps_one_after_another():
+    x = torch.rand(6, 3, 9, 9) * 0.9
+    b, c, s = 1 + (torch.rand(3, 6, 1, 1, 1, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.4
+    y = x * b
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * c + mean
+    grey = 0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]
+    y = ((y - grey) * s + grey).clamp(0, 1)
+    assert torch.allclose(common.jitter_batch(x, 0.4, torch.Generator().manual_seed(3)), y, atol=1e-6)
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/food101-10 not present")
 def test_food101_10_loads(tmp_path):
     data = common.load_data(SHARED_DATA, 40, cache_dir=tmp_path)

@@ -60,13 +60,13 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
     prune = load_script("03_prune.py")
     kd = common.load_model(ck / "student_kd.pt")[0]
     for keep in (0.8, 0.64):
-        path = ck / f"student_pruned_{keep:.3f}.pt"
+        path = ck / f"student_pruned_{keep:.3f}_global.pt"
         pruned = common.load_model(path)[0]
-        fresh = prune.slim(kd, keep)
+        fresh = prune.prune_model(kd, keep, prune.GROUPS, "global")
         assert pruned.widths == fresh.widths
         assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
     assert (ck / "student_pruned.pt").exists()
-    assert cv2.imread(str(ck / "pruning_uniform.png")).shape == (440, 1000, 3)
+    assert cv2.imread(str(ck / "pruning_global.png")).shape == (440, 1000, 3)
 
 
 def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
