@@ -181,11 +181,11 @@ VARIANTS = {"fp16": (16, False), "q8": (8, False), "q8c": (8, True), "q6c": (6, 
             "q4c": (4, True), "q4": (4, False), "q6": (6, False), "q2c": (2, True)}
 
 
-def parse_list(text, allowed, name):
+def parse_list(text, name, allowed=None):
     items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if allowed is not None and t not in allowed]
-    if not items or bad:
-        raise common.UserError(f"--{name}={text!r}: choose from {', '.join(allowed)}")
+    if not items or (allowed and not set(items) <= set(allowed)):
+        raise common.UserError(f"--{name}={text!r}: give a comma-separated list"
+                               + (f" from {', '.join(allowed)}" if allowed else ""))
     return items
 
 
@@ -195,8 +195,8 @@ def parse_list(text, allowed, name):
 
 def main():
     cfg = common.configure(globals())
-    names = [n for n in cfg.models.split(",") if n.strip()]
-    variants = parse_list(cfg.variants, VARIANTS, "variants")
+    names = parse_list(cfg.models, "models")
+    variants = parse_list(cfg.variants, "variants", VARIANTS)
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     data = common.data_for(cfg, splits=("validation", "testing"))
     device = common.pick_device(cfg.device)
@@ -206,23 +206,25 @@ def main():
         return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
                                cfg.img_size, preprocess.get("norm", "imagenet"))[1]
 
-    kd_acc, rows, candidates = None, [], []
+    def load(name):
+        made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
+        return common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes, made_by=made_by)
+
+    kd_acc = accuracy(*load("student_kd")[:2])  # the reference every file is held to
+    rows, candidates = [], []  # candidates: (file bytes, val acc, path)
     for name in names:
         path = ckpt_dir / f"{name}.pt"
         if not path.exists() and name != "student_kd":
             print(f"{path.name} not found; skipped")
             continue
-        model, preprocess, _ = common.load_model(path, "student", data.num_classes,
-                                                 made_by="03_prune.py" if "pruned" in name else "02_distill.py")
+        model, preprocess, _ = load(name)
         acc = accuracy(model, preprocess)
-        kd_acc = acc if name == "student_kd" else kd_acc
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
                      "bytes_zip": "", "val_acc": round(acc, 4)})
         candidates.append((common.file_bytes(path), acc, path))
         sd = common.cpu_state_dict(model)
         for variant in variants:
-            bits, per_channel = VARIANTS[variant]
-            arrays = encode(sd, bits, per_channel)
+            arrays = encode(sd, *VARIANTS[variant])
             plain, packed = ckpt_dir / f"{name}.{variant}.npz", ckpt_dir / f"{name}.{variant}.z.npz"
             save_quantized(plain, arrays, common.arch_of(model), preprocess)
             save_quantized(packed, arrays, common.arch_of(model), preprocess, compressed=True)
@@ -237,18 +239,20 @@ def main():
     print("\nquantized models (val acc after decoding)")
     print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", "val_acc"]))
 
+    # --- the final model: the smallest file within max_acc_drop of student_kd -----------------
     fits = [c for c in candidates if c[1] >= kd_acc - cfg.max_acc_drop]
-    size, acc, final = min(fits, key=lambda c: (c[0], -c[1]))
+    if not fits:
+        common.warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_acc:.4f}); "
+                    "taking the most accurate one")
+    size, acc, final = min(fits, key=lambda c: (c[0], -c[1])) if fits else max(candidates, key=lambda c: c[1])
     print(f"\nfinal model: {final.name}: {size:,} bytes, val acc {acc:.4f} "
           f"(student_kd {kd_acc:.4f}, allowed drop {cfg.max_acc_drop})")
     if data.test is None:
         common.warn(f"{data.root} has no testing/ split; no predictions written")
     else:
-        model, preprocess = (load_quantized(final) if final.suffix == ".npz"
-                             else common.load_model(final)[:2])
-        test_x = data.test.images.to(device)
-        preds = common.predict(common.prepare(model, device), test_x, cfg.batch_size, cfg.img_size,
-                               preprocess.get("norm", "imagenet"))
+        model, preprocess = load_quantized(final) if final.suffix == ".npz" else common.load_model(final)[:2]
+        preds = common.predict(common.prepare(model, device), data.test.images.to(device),
+                               cfg.batch_size, cfg.img_size, preprocess.get("norm", "imagenet"))
         count = common.write_predictions(ckpt_dir / "predictions.csv", data.test.names, preds)
         print(f"predictions for {count} testing images -> {ckpt_dir / 'predictions.csv'}")
 

@@ -109,7 +109,8 @@ def parse_value(name, text, default):
     try:
         return kind(text)
     except ValueError:
-        raise UserError(f"--{name} takes a {kind.__name__}, got {text!r}") from None
+        what = {int: "a whole number", float: "a number"}[kind]
+        raise UserError(f"--{name} takes {what}, got {text!r}") from None
 
 
 def setting_help(script_path):
@@ -155,8 +156,8 @@ def configure(namespace, argv=None):
         if check and not check[0](value):
             raise UserError(f"--{name}={value} is out of range: it must be {check[1]}")
     for name in ("data_dir", "ckpt_dir", "cache_dir"):
-        if cfg.get(name):
-            cfg[name] = str(resolve(cfg[name]))
+        if cfg.get(name):  # a path typed by the user is taken from where they are
+            cfg[name] = str(resolve(cfg[name], Path.cwd() if name in given else REPO))
     return Settings(**cfg)
 
 
@@ -165,10 +166,9 @@ class Settings(dict):
     __getattr__ = dict.__getitem__
 
 
-def resolve(path):
-    """Relative paths are taken from the repository, so scripts run from any folder."""
+def resolve(path, base):
     p = Path(path).expanduser()
-    return (p if p.is_absolute() else REPO / p).resolve()
+    return (p if p.is_absolute() else base / p).resolve()
 
 
 def print_help(script_path, cfg):
@@ -415,8 +415,9 @@ def rotate_batch(x, degrees, gen):
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    # Black corners, as torchvision's RandomRotation leaves them.
-    return F.grid_sample(x.contiguous(), grid, padding_mode="zeros", align_corners=False)
+    # Reflected, not black, corners: on black-cornered images the teacher's soft labels taught
+    # the student less in our food101-10 runs (README, "What was tried").
+    return F.grid_sample(x.contiguous(), grid, padding_mode="reflection", align_corners=False)
 
 
 def jitter_batch(x, amount, gen):
@@ -794,12 +795,16 @@ def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0
     start, best = 0, {"val_acc": -1.0}
     if cfg.get("resume") and state_path.exists():
         state = torch_load(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        start, best = state["epoch"], state["best"]
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+            start, best = state["epoch"], state["best"]
+        except (KeyError, RuntimeError, ValueError, TypeError):
+            raise UserError(f"{state_path}: does not fit this run (another model or settings); "
+                            "delete it or run without --resume=True") from None
         print(f"resuming {desc} from {state_path} after epoch {start}")
     elif cfg.get("resume"):
         print(f"nothing to resume at {state_path}; starting from epoch 1")
@@ -825,8 +830,6 @@ def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0
               f"  val loss {val_loss:.3f} acc {val_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
               flush=True)
     state_path.unlink(missing_ok=True)
-    if best["val_acc"] < 0:  # resumed a finished run: the checkpoint is already there
-        best = load_model(ckpt_path)[2]
     return best
 
 

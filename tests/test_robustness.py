@@ -117,7 +117,7 @@ def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
 
 @pytest.mark.parametrize("script, arg, message", [
     ("01_architecture.py", "--epochz=3", "unknown setting --epochz"),
-    ("01_architecture.py", "--epochs=1.5", "--epochs takes a int"),
+    ("01_architecture.py", "--epochs=1.5", "--epochs takes a whole number"),
     ("01_architecture.py", "--epochs=0", "--epochs=0 is out of range"),
     ("01_architecture.py", "--batch_size=0", "--batch_size=0 is out of range"),
     ("02_distill.py", "--lr=0", "--lr=0.0 is out of range"),
@@ -125,7 +125,8 @@ def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
     ("02_distill.py", "--temperature=0", "--temperature=0.0 is out of range"),
     ("02_distill.py", "--alpha=2", "--alpha=2.0 is out of range"),
     ("03_prune.py", "--method=best", "--method=best: it must be uniform or global"),
-    ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': choose from"),
+    ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': give a comma-separated list from fp16"),
+    ("04_quantize.py", "--models=,", "--models=',': give a comma-separated list"),
 ])
 def test_bad_settings(workspace, tmp_path, script, arg, message):
     root, ck = workspace
@@ -222,3 +223,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_best_checkpoint(workspace, tmp_p
     assert_clean_error(proc, "in epoch 1, step")
     assert "try a lower --lr" in proc.stderr
     assert (ck / "student_scratch.pt").read_bytes() == best
+
+
+def test_a_resumable_state_of_another_run_is_a_clear_error(workspace, tmp_path):
+    root, ck = workspace
+    other = common.StudentNet(widths=[4] * 8, num_classes=11)
+    torch.save({"model": other.state_dict(), "epoch": 1}, ck / "student_scratch.pt.resume.pt")
+    proc = run_script("01_architecture.py", *train_args(root, ck, tmp_path, epochs=2), "--resume=True")
+    assert_clean_error(proc, "does not fit this run")

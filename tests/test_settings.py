@@ -14,7 +14,7 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize("arg, message", [
     ("--epoch=3", "unknown setting --epoch; settings: data_dir, epochs"),
-    ("--epochs=three", "--epochs takes a int"),
+    ("--epochs=three", "--epochs takes a whole number"),
     ("--resume=maybe", "--resume takes True or False"),
     ("epochs=3", "arguments take the form --name=value"),
     ("--epochs=0", "--epochs=0 is out of range: it must be at least 1"),
@@ -40,7 +40,11 @@ def test_missing_default_data_falls_back_to_the_sample_but_an_explicit_path_does
     assert len(list((tmp_path / common.SAMPLE_DIR / "training").glob("*.jpg"))) == 330
     cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR, "epochs": 50}, ["--epochs=2"])
     assert cfg.epochs == 2
-    cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR}, ["--data_dir=nowhere"])
-    assert cfg.data_dir == str(tmp_path / "nowhere")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # typed paths are taken from the current folder, defaults from the repo
+    cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR, "ckpt_dir": "checkpoints"},
+                           ["--data_dir=nowhere"])
+    assert cfg.data_dir == str(elsewhere / "nowhere") and cfg.ckpt_dir == str(tmp_path / "checkpoints")
     with pytest.raises(common.UserError, match="data folder not found"):
         common.load_data(cfg.data_dir, 12)
