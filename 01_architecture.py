@@ -102,8 +102,6 @@ def main():
     block_table(student)
 
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
-    common.seed_everything(cfg.seed)
-    student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     path = ckpt_dir / "student_scratch.pt"
     best = common.fit(student, data, cfg, path, desc="scratch")
     model = common.load_model(path)[0]

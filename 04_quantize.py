@@ -218,7 +218,7 @@ def main():
             print(f"{path.name} not found; skipped")
             continue
         model, preprocess, _ = load(name)
-        acc = accuracy(model, preprocess)
+        acc = kd_acc if name == "student_kd" else accuracy(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
                      "bytes_zip": "", "val_acc": round(acc, 4)})
         candidates.append((common.file_bytes(path), acc, path))

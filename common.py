@@ -918,5 +918,4 @@ def write_predictions(path, names, preds):
 
 
 def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    torch.manual_seed(seed)  # weights; batches and augmentation draw from fit()'s own generator
