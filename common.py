@@ -58,6 +58,9 @@ def run(main):
     except (KeyboardInterrupt, Interrupted) as e:
         print(f"\ninterrupted: {e or 'nothing was left half-written'}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def warn(msg):
@@ -142,23 +145,27 @@ def configure(namespace, argv=None):
             raise UserError(f"unknown setting --{name}; settings: {', '.join(cfg)}")
         given[name] = parse_value(name, text, cfg[name])
     cfg.update(given)
-    if "data_dir" in cfg and cfg["data_dir"] == DEFAULT_DATA_DIR and "data_dir" not in given:
-        if not (REPO / DEFAULT_DATA_DIR).is_dir():
-            cfg["data_dir"] = str(make_sample(REPO / SAMPLE_DIR))
-            sample = {k: v for k, v in SAMPLE_SETTINGS.items() if k in cfg and k not in given}
-            cfg.update(sample)
-            print(f"notice: {DEFAULT_DATA_DIR} not found, so this run uses a small generated "
-                  f"sample in {SAMPLE_DIR} with " + ", ".join(f"{k}={v}" for k, v in sample.items())
-                  + f". Put Food-11 (training/, validation/, testing/) in {DEFAULT_DATA_DIR} "
-                  "or pass --data_dir=PATH.")
     for name, value in cfg.items():
         check = CHECKS.get(name)
         if check and not check[0](value):
             raise UserError(f"--{name}={value} is out of range: it must be {check[1]}")
+    if cfg.get("data_dir") == DEFAULT_DATA_DIR and "data_dir" not in given \
+            and not (REPO / DEFAULT_DATA_DIR).is_dir():
+        switch_to_sample(cfg, given)
     for name in ("data_dir", "ckpt_dir", "cache_dir"):
         if cfg.get(name):  # a path typed by the user is taken from where they are
             cfg[name] = str(resolve(cfg[name], Path.cwd() if name in given else REPO))
     return Settings(**cfg)
+
+
+def switch_to_sample(cfg, given):
+    """No Food-11 and no --data_dir: run on the generated sample, with sample-sized settings."""
+    cfg["data_dir"] = str(make_sample(REPO / SAMPLE_DIR))
+    sample = {k: v for k, v in SAMPLE_SETTINGS.items() if k in cfg and k not in given}
+    cfg.update(sample)
+    print(f"notice: {DEFAULT_DATA_DIR} not found, so this run uses a small generated sample in "
+          f"{SAMPLE_DIR} with " + ", ".join(f"{k}={v}" for k, v in sample.items())
+          + f". Put Food-11 (training/, validation/, testing/) in {DEFAULT_DATA_DIR} or pass --data_dir=PATH.")
 
 
 class Settings(dict):
