@@ -54,10 +54,7 @@ def main():
 
     if path.exists():
         teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
-        device = common.pick_device(cfg.device)
-        teacher = common.prepare(teacher, device)
-        val_x, val_y = common.to_device_images(data.val, device)
-        _, acc = common.evaluate(teacher, val_x, val_y, cfg.batch_size, cfg.img_size, norm)
+        acc = common.validator(data, cfg, common.pick_device(cfg.device))(teacher, norm)
         print(f"{path} found: val acc {acc:.4f} at {cfg.img_size} px (norm={norm}); not retraining")
     else:
         common.seed_everything(cfg.seed)

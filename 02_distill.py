@@ -41,8 +41,8 @@ def main():
     device = common.pick_device(cfg.device)
     teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
     teacher = common.prepare(teacher, device)
-    val_x, val_y = common.to_device_images(data.val, device)
-    teacher_acc = common.evaluate(teacher, val_x, val_y, cfg.batch_size, cfg.img_size, norm)[1]
+    accuracy = common.validator(data, cfg, device)
+    teacher_acc = accuracy(teacher, norm)
     print(f"teacher: val acc {teacher_acc:.4f} at {cfg.img_size} px (norm={norm})")
 
     common.seed_everything(cfg.seed)
@@ -63,9 +63,8 @@ def main():
 
     rows = [{"model": "teacher (ResNet18)", "val_acc": teacher_acc}]
     if scratch_path.exists():
-        scratch = common.prepare(common.load_model(scratch_path, "student")[0], device)
-        rows.append({"model": "student from scratch", "val_acc": common.evaluate(
-            scratch, val_x, val_y, cfg.batch_size, cfg.img_size, "imagenet")[1]})
+        scratch, preprocess, _ = common.load_model(scratch_path, "student")
+        rows.append({"model": "student from scratch", "val_acc": accuracy(scratch, preprocess["norm"])})
     rows.append({"model": "distilled student", "val_acc": best["val_acc"]})
     print(f"\nvalidation accuracy at {cfg.img_size} px")
     print(common.format_table(rows, ["model", "val_acc"]))

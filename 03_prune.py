@@ -197,13 +197,12 @@ def main():
     kd_path = ckpt_dir / "student_kd.pt"
     data = common.data_for(cfg, splits=("training", "validation"))
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
-    norm = preprocess.get("norm", "imagenet")
+    norm = preprocess["norm"]
     device = common.pick_device(cfg.device)
-    val_x, val_y = common.to_device_images(data.val, device)
+    validate = common.validator(data, cfg, device)
 
     def accuracy(model):
-        return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
-                               cfg.img_size, norm)[1]
+        return validate(model, norm)
 
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
         """Train `model` (a fresh optimizer on its own parameters) and return the best of it."""

@@ -174,7 +174,7 @@ def load_quantized(path):
         raise common.UserError(f"{path}: not found; run 04_quantize.py first") from None
     except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
         raise common.UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
-    return model, meta.get("preprocess", {})
+    return model, {"norm": common.STUDENT_NORM, **meta.get("preprocess", {})}
 
 
 VARIANTS = {"fp16": (16, False), "q8": (8, False), "q8c": (8, True), "q6c": (6, True),
@@ -200,11 +200,10 @@ def main():
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     data = common.data_for(cfg, splits=("validation", "testing"))
     device = common.pick_device(cfg.device)
-    val_x, val_y = common.to_device_images(data.val, device)
+    validate = common.validator(data, cfg, device)
 
     def accuracy(model, preprocess):
-        return common.evaluate(common.prepare(model, device), val_x, val_y, cfg.batch_size,
-                               cfg.img_size, preprocess.get("norm", "imagenet"))[1]
+        return validate(model, preprocess["norm"])
 
     def load(name):
         made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
@@ -252,7 +251,7 @@ def main():
     else:
         model, preprocess = load_quantized(final) if final.suffix == ".npz" else common.load_model(final)[:2]
         preds = common.predict(common.prepare(model, device), data.test.images.to(device),
-                               cfg.batch_size, cfg.img_size, preprocess.get("norm", "imagenet"))
+                               cfg.batch_size, cfg.img_size, preprocess["norm"])
         count = common.write_predictions(ckpt_dir / "predictions.csv", data.test.names, preds)
         print(f"predictions for {count} testing images -> {ckpt_dir / 'predictions.csv'}")
 

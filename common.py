@@ -29,6 +29,7 @@ FOOD11_CLASSES = ["Bread", "Dairy product", "Dessert", "Egg", "Fried food", "Mea
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STUDENT_NORM = "imagenet"  # how our students' inputs are normalised (recorded in their checkpoints)
 DEFAULT_DATA_DIR = "data/food-11"
 SAMPLE_DIR = "data/sample"
 # Sizes that let the whole pipeline run on the generated sample in a few CPU minutes.
@@ -652,7 +653,7 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     obj = torch_load(path, made_by)
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
         sd, arch = obj["state_dict"], obj["arch"]
-        preprocess, metrics = obj.get("preprocess", {}), obj.get("metrics", {})
+        preprocess, metrics = {"norm": STUDENT_NORM, **obj.get("preprocess", {})}, obj.get("metrics", {})
     elif isinstance(obj, dict):
         sd, arch = obj, arch_from_state_dict(obj)
         preprocess, metrics = {"norm": plain_norm}, {}
@@ -764,6 +765,15 @@ def evaluate(model, images, labels, batch_size, crop, norm):
     return total_loss / len(labels), correct / len(labels)
 
 
+def validator(data, cfg, device):
+    """accuracy(model, norm) on the validation centre crops; the images go to the device once."""
+    val_x, val_y = to_device_images(data.val, device)
+
+    def accuracy(model, norm):
+        return evaluate(prepare(model, device), val_x, val_y, cfg.batch_size, cfg.img_size, norm)[1]
+    return accuracy
+
+
 @torch.no_grad()
 def predict(model, images, batch_size, crop, norm):
     model.eval()
@@ -778,7 +788,7 @@ def resume_path(ckpt_path):
     return Path(ckpt_path).with_name(Path(ckpt_path).name + ".resume.pt")
 
 
-def fit(model, data, cfg, ckpt_path, norm="imagenet", loss_fn=None, sparsity=0.0, desc="train"):
+def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0.0, desc="train"):
     """Train with AdamW + one-cycle, keep the best-on-validation checkpoint at ckpt_path.
 
     At the end of every epoch a resumable state (model, optimizer, schedule, epoch, best score,
