@@ -26,6 +26,7 @@ weight_decay = 0.05  # AdamW weight decay
 label_smoothing = 0.1  # cross-entropy label smoothing
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
 pretrained = True  # start from ImageNet weights when torchvision can load them
+select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
@@ -51,11 +52,13 @@ def main():
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     path = ckpt_dir / common.TEACHER_FILE
     data = common.data_for(cfg, splits=("training", "validation"))
+    score = common.Scorer(data, cfg, common.pick_device(cfg.device))
 
     if path.exists():
         teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
-        acc = common.validator(data, cfg, common.pick_device(cfg.device))(teacher, norm)
-        print(f"{path} found: val acc {acc:.4f} at {cfg.img_size} px (norm={norm}); not retraining")
+        val = score(teacher, {"norm": norm})
+        print(f"{path} found: val acc {val} at {cfg.img_size} px (norm={norm}); not retraining")
+        chosen = {}
     else:
         common.seed_everything(cfg.seed)
         teacher = common.make_teacher(data.num_classes)
@@ -65,12 +68,13 @@ def main():
         work = ckpt_dir / "teacher_resnet18.train.pt"
         best = common.fit(teacher, data, cfg, work, norm=cfg.teacher_norm, desc="teacher")
         teacher = common.load_model(work)[0]
+        val = score(teacher, {"norm": cfg.teacher_norm})
         common.save_teacher(path, teacher, cfg.teacher_norm,
-                            {"img_size": cfg.img_size, "val_acc": best["val_acc"]})
+                            {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
         work.unlink()
-        acc = best["val_acc"]
-        print(f"teacher: val acc {acc:.4f} (epoch {best['epoch']}) -> {path}")
-    common.record_model(ckpt_dir, "0 teacher", "teacher_resnet18", teacher, path, acc, cfg.img_size)
+        chosen = {"select_acc": round(best["select_acc"], 4), "chosen_on": data.chosen_on}
+        print(f"teacher: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}) -> {path}")
+    common.record_model(ckpt_dir, "0 teacher", "teacher_resnet18", teacher, path, val, cfg.img_size, **chosen)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ weight_decay = 0.05  # AdamW weight decay
 label_smoothing = 0.0  # cross-entropy label smoothing
 base = 16  # student base width
 width_mult = 1.0  # student width multiplier of blocks 3-6
+select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
@@ -104,10 +105,11 @@ def main():
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
     path = ckpt_dir / "student_scratch.pt"
     best = common.fit(student, data, cfg, path, desc="scratch")
-    model = common.load_model(path)[0]
-    common.record_model(ckpt_dir, "1 architecture", "student_scratch", model, path,
-                        best["val_acc"], cfg.img_size)
-    print(f"\nscratch student: val acc {best['val_acc']:.4f} (epoch {best['epoch']}) -> {path}")
+    model, preprocess, _ = common.load_model(path)
+    val = common.Scorer(data, cfg, common.pick_device(cfg.device))(model, preprocess)
+    common.record_model(ckpt_dir, "1 architecture", "student_scratch", model, path, val, cfg.img_size,
+                        select_acc=round(best["select_acc"], 4), chosen_on=data.chosen_on, seed=cfg.seed)
+    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}) -> {path}")
 
 
 if __name__ == "__main__":

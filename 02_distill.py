@@ -2,7 +2,7 @@
 
 Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y),
 the KL taken on the student's log_softmax. The teacher sees the same augmented batch as the
-student, in inference mode. Saves the best-on-validation student as checkpoints/student_kd.pt
+student, in inference mode. Saves the student of the epoch that scores best on the selection split (held out of training) as checkpoints/student_kd.pt
 and ends with teacher / scratch student / distilled student accuracy side by side.
 
     python 02_distill.py
@@ -27,6 +27,7 @@ from_scratch = True  # start the student from random weights, not from student_s
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
 base = 16  # student base width (when from_scratch)
 width_mult = 1.0  # student width multiplier of blocks 3-6 (when from_scratch)
+select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
@@ -41,9 +42,9 @@ def main():
     device = common.pick_device(cfg.device)
     teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
     teacher = common.prepare(teacher, device)
-    accuracy = common.validator(data, cfg, device)
-    teacher_acc = accuracy(teacher, norm)
-    print(f"teacher: val acc {teacher_acc:.4f} at {cfg.img_size} px (norm={norm})")
+    score = common.Scorer(data, cfg, device)
+    teacher_val = score(teacher, {"norm": norm})
+    print(f"teacher: val acc {teacher_val} at {cfg.img_size} px (norm={norm})")
 
     common.seed_everything(cfg.seed)
     scratch_path = ckpt_dir / "student_scratch.pt"
@@ -57,17 +58,26 @@ def main():
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
           f"sparsity={cfg.sparsity})")
     best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill")
-    student = common.load_model(path)[0]
-    common.record_model(ckpt_dir, "2 distillation", "student_kd", student, path, best["val_acc"],
-                        cfg.img_size, temperature=cfg.temperature, alpha=cfg.alpha)
+    student, preprocess, _ = common.load_model(path)
+    kd_val = score(student, preprocess)
+    common.record_model(ckpt_dir, "2 distillation", "student_kd", student, path, kd_val, cfg.img_size,
+                        select_acc=round(best["select_acc"], 4), chosen_on=data.chosen_on, seed=cfg.seed,
+                        temperature=cfg.temperature, alpha=cfg.alpha)
 
-    rows = [{"model": "teacher (ResNet18)", "val_acc": teacher_acc}]
+    rows = [{"model": "teacher (ResNet18)", common.VAL_COLUMN: teacher_val}]
+    scratch_val = None
     if scratch_path.exists():
-        scratch, preprocess, _ = common.load_model(scratch_path, "student")
-        rows.append({"model": "student from scratch", "val_acc": accuracy(scratch, preprocess["norm"])})
-    rows.append({"model": "distilled student", "val_acc": best["val_acc"]})
-    print(f"\nvalidation accuracy at {cfg.img_size} px")
-    print(common.format_table(rows, ["model", "val_acc"]))
+        scratch, scratch_preprocess, _ = common.load_model(scratch_path, "student")
+        scratch_val = score(scratch, scratch_preprocess)
+        rows.append({"model": "student from scratch", common.VAL_COLUMN: scratch_val})
+    rows.append({"model": "distilled student", common.VAL_COLUMN: kd_val})
+    print(f"\nvalidation accuracy ({kd_val.n} images; epochs chosen on {data.chosen_on})")
+    print(common.format_table(rows, ["model", common.VAL_COLUMN]))
+    if scratch_val is not None:
+        print("\ndistilled vs scratch on the same images")
+        row = common.paired_row("scratch", scratch_val, "distilled", kd_val)
+        print(common.format_table([row], list(row)))
+    print(f"\nstudent_kd -> {path}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
-img_size = 224  # crop size (pixels); use the one student_kd.pt was trained at
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; student_kd.pt's record wins unless given
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 batch_size = 64  # images per training step
@@ -35,11 +35,12 @@ lr = 1e-3  # peak fine-tuning learning rate (AdamW, one-cycle schedule)
 weight_decay = 0.05  # AdamW weight decay
 sparsity = 0.0  # L1 weight on BN gammas in a fine-tune before pruning, e.g. 1e-4
 sparsity_epochs = 0  # epochs of that sparsity fine-tune (0 = none)
-max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of student_kd
+max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of student_kd, on the selection split
 temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there)
 alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
+select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record wins unless given
 seed = 0  # random seed (batch order, augmentation)
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
@@ -61,13 +62,21 @@ def importance(model, g):
 
 
 def slim_counts(model, counts):
-    """A new StudentNet keeping, in each group g of `counts`, its counts[g] strongest channels."""
+    """A new StudentNet keeping, in each group g of `counts`, its counts[g] strongest channels.
+
+    Exact: a dropped channel whose gamma were 0 would still feed block g's pointwise conv the
+    constant ReLU6(beta), so that constant goes into the conv's bias. The slim model computes
+    what the original computes with the dropped channels' gammas set to 0 (eval mode)."""
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     widths = list(model.widths)
-    for g, count in counts.items():
+    for g, count in sorted(counts.items()):
         if not 1 <= count <= widths[g - 1]:
             raise ValueError(f"group {g} has {widths[g - 1]} channels; cannot keep {count}")
         idx = importance(model, g).topk(count).indices.sort().values
+        dropped = torch.ones(widths[g - 1], dtype=torch.bool)
+        dropped[idx] = False
+        constant = sd[f"cnn.{g}.1.bias"][dropped].clamp(0, 6)
+        sd[f"cnn.{g}.3.bias"] = sd[f"cnn.{g}.3.bias"] + sd[f"cnn.{g}.3.weight"][:, dropped, 0, 0] @ constant
         producer = ["cnn.0.0.weight", "cnn.0.0.bias"] + [f"cnn.0.1.{k}" for k in BN_KEYS] if g == 1 \
             else [f"cnn.{g - 1}.3.weight", f"cnn.{g - 1}.3.bias"]
         block = [f"cnn.{g}.0.weight", f"cnn.{g}.0.bias"] + [f"cnn.{g}.1.{k}" for k in BN_KEYS]
@@ -179,13 +188,14 @@ def prune_model(base, keep, groups, method):
     return model
 
 
-def choose_smallest(rows, kd_acc, max_acc_drop):
-    ok = [r for r in rows if r["acc_after"] >= kd_acc - max_acc_drop]
+def choose_smallest(rows, kd_select, max_acc_drop):
+    """The smallest round whose selection accuracy is within max_acc_drop of student_kd's."""
+    ok = [r for r in rows if r["select_after"] >= kd_select - max_acc_drop]
     if ok:
         return min(ok, key=lambda r: r["params"])
-    common.warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_acc:.4f}); "
-                "keeping the most accurate one")
-    return max(rows, key=lambda r: r["acc_after"])
+    common.warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_select:.4f} on the "
+                "selection split); keeping the most accurate one there")
+    return max(rows, key=lambda r: r["select_after"])
 
 
 def main():
@@ -195,28 +205,30 @@ def main():
     groups = parse_groups(cfg.prune_groups)
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     kd_path = ckpt_dir / "student_kd.pt"
-    data = common.data_for(cfg, splits=("training", "validation"))
+    recorded = common.adopt_from(cfg, kd_path, "02_distill.py")
+    data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
+    preprocess = {**preprocess, **data.selection}
     norm = preprocess["norm"]
     device = common.pick_device(cfg.device)
-    validate = common.validator(data, cfg, device)
+    score = common.Scorer(data, cfg, device)
 
-    def accuracy(model):
-        return validate(model, norm)
+    def scores(model):
+        """(validation Score, selection accuracy)."""
+        return score(model, preprocess), score(model, preprocess, "select").acc
 
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
-        """Train `model` (a fresh optimizer on its own parameters) and return the best of it."""
-        common.fit(model, data, common.Settings({**cfg, "epochs": epochs}), path, norm=norm,
-                   loss_fn=loss, sparsity=sparsity, desc=desc)
+        """Train `model` (a fresh optimizer on its own parameters) and return its best epoch."""
+        common.fit(model, data, cfg.but(epochs=epochs), path, norm=norm, loss_fn=loss, sparsity=sparsity, desc=desc)
         return common.load_model(path)[0].cpu()
 
-    kd_acc, kd_params = accuracy(kd), common.count_params(kd)
+    (kd_val, kd_select), kd_params = scores(kd), common.count_params(kd)
     loss = None
     if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
         teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         loss = common.distill_loss(common.prepare(teacher, device), teacher_norm, cfg.temperature, cfg.alpha)
-    print(f"student_kd: {kd_params:,} params, val acc {kd_acc:.4f}; fine-tuning with "
-          f"{'distillation' if loss else 'cross-entropy'}")
+    print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select:.4f}; "
+          f"fine-tuning with {'distillation' if loss else 'cross-entropy'}")
 
     # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
@@ -224,7 +236,7 @@ def main():
     if sparse:
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
         base = fine_tune(kd, ckpt_dir / "student_sparse.pt", cfg.sparsity_epochs, "sparsity", cfg.sparsity)
-        print(f"after the sparsity fine-tune: val acc {accuracy(base):.4f}")
+        print(f"after the sparsity fine-tune: val acc {scores(base)[0]}")
         base = base.cpu()
 
     # --- the rounds, each from the same base ------------------------------------------------
@@ -235,37 +247,44 @@ def main():
         model = prune_model(base, keep, groups, cfg.method)
         name = f"student_pruned_{keep:.3f}{variant}"
         path = ckpt_dir / f"{name}.pt"
-        before = accuracy(model)
+        before = scores(model)[0]
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
-              f"{common.count_params(model):,} params, val acc {before:.4f} before fine-tuning")
+              f"{common.count_params(model):,} params, val acc {before} before fine-tuning")
         if cfg.resume and path.exists() and not common.resume_path(path).exists():
             print(f"reusing finished round {path}")
             model = common.load_model(path)[0]
         elif cfg.finetune_epochs:
             model = fine_tune(model, path, cfg.finetune_epochs, f"round {k}")
         else:
-            common.save_checkpoint(path, model, preprocess, {"val_acc": before})
-        after = accuracy(model)
+            common.save_checkpoint(path, model, preprocess)
+        after, select = scores(model)
         rows.append({"keep": round(keep, 3), "params": common.count_params(model),
                      "macs": common.count_macs(model.cpu(), cfg.img_size), "bytes": common.file_bytes(path),
-                     "acc_before": round(before, 4), "acc_after": round(after, 4), "path": path})
+                     "acc_before": before.acc, "acc_after": after.acc, "select_after": select,
+                     "val before": before, "val after [95% CI]": after, "select after": round(select, 4),
+                     "path": path, "score": after})
         common.record_model(ckpt_dir, "3 pruning", name, model, path, after, cfg.img_size,
-                            keep=rows[-1]["keep"], method=cfg.method, acc_before=rows[-1]["acc_before"])
+                            keep=rows[-1]["keep"], method=cfg.method, acc_before=round(before.acc, 4),
+                            select_acc=round(select, 4), chosen_on=data.chosen_on)
 
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
-    chosen = choose_smallest(rows, kd_acc, cfg.max_acc_drop)
+    chosen = choose_smallest(rows, kd_select, cfg.max_acc_drop)
     final = ckpt_dir / "student_pruned.pt"
     blob = chosen["path"].read_bytes()
     common.atomic_write(final, lambda f: f.write(blob))
     common.record_model(ckpt_dir, "3 pruning", "student_pruned", common.load_model(final)[0], final,
-                        chosen["acc_after"], cfg.img_size, keep=chosen["keep"], method=cfg.method)
-    print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_acc:.4f}), "
-          f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}")
-    print(common.format_table(rows, ["keep", "params", "macs", "bytes", "acc_before", "acc_after"]))
-    print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, "
-          f"val acc {chosen['acc_after']:.4f})")
+                        chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
+                        select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on)
+    print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}), "
+          f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
+          f"epochs and the round chosen on {data.chosen_on}")
+    print(common.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
+                                     "select after"]))
+    print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
+          f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select:.4f}, "
+          f"allowed drop {cfg.max_acc_drop})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
-    plot_rounds(plot, rows, {"params": kd_params, "bytes": common.file_bytes(kd_path), "acc": kd_acc})
+    plot_rounds(plot, rows, {"params": kd_params, "bytes": common.file_bytes(kd_path), "acc": kd_val.acc})
     print(f"plot -> {plot}")
 
 

@@ -6,14 +6,17 @@ homework: per-output-channel ranges and 6/4-bit packed codes, each also zip-comp
 bytes-vs-accuracy cliff shows. Files are .npz (np.load(..., allow_pickle=False)) and carry the
 model's arch and preprocessing, so they load without being told the shape.
 
-The final model is the smallest file within max_acc_drop of student_kd's accuracy; it writes
-checkpoints/predictions.csv and the script ends with the table of every stage.
+The final model is the smallest file within max_acc_drop of student_kd's accuracy on the
+selection split (held out of training; validation only reports). It writes
+checkpoints/predictions.csv in the course's format, and the script ends with the table of every
+stage and each stage against the one before on the same validation images.
 
     python 04_quantize.py
 """
 import json
 import math
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,12 +25,13 @@ import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
-img_size = 224  # crop size (pixels); use the one the students were trained at
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; student_kd.pt's record wins unless given
 batch_size = 64  # images per evaluation step
 models = "student_kd,student_pruned"  # checkpoints (in ckpt_dir) to quantize; missing ones are skipped
 variants = "fp16,q8,q8c,q6c,q4c"  # fp16; qN = N-bit per tensor; qNc = N-bit per output channel
-max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy
+max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy on the selection split
+select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record wins unless given
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
@@ -198,29 +202,31 @@ def main():
     names = parse_list(cfg.models, "models")
     variants = parse_list(cfg.variants, "variants", VARIANTS)
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
-    data = common.data_for(cfg, splits=("validation", "testing"))
+    recorded = common.adopt_from(cfg, ckpt_dir / "student_kd.pt", "02_distill.py")
+    data = common.data_for(cfg, recorded=recorded)
     device = common.pick_device(cfg.device)
-    validate = common.validator(data, cfg, device)
+    score = common.Scorer(data, cfg, device)
 
-    def accuracy(model, preprocess):
-        return validate(model, preprocess["norm"])
+    def scores(model, preprocess):
+        """(validation Score, selection accuracy), in fp32, at the model's own preprocessing."""
+        return score(model, preprocess), score(model, preprocess, "select").acc
 
     def load(name):
         made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
         return common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes, made_by=made_by)
 
-    kd_acc = accuracy(*load("student_kd")[:2])  # the reference every file is held to
-    rows, candidates = [], []  # candidates: (file bytes, val acc, path)
+    kd_val, kd_select = scores(*load("student_kd")[:2])  # the reference every file is held to
+    rows, candidates = [], []  # candidates: {bytes, select, val, path}
     for name in names:
         path = ckpt_dir / f"{name}.pt"
         if not path.exists() and name != "student_kd":
             print(f"{path.name} not found; skipped")
             continue
         model, preprocess, _ = load(name)
-        acc = kd_acc if name == "student_kd" else accuracy(model, preprocess)
+        val, select = (kd_val, kd_select) if name == "student_kd" else scores(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
-                     "bytes_zip": "", "val_acc": round(acc, 4)})
-        candidates.append((common.file_bytes(path), acc, path))
+                     common.VAL_COLUMN: val, "select acc": round(select, 4)})
+        candidates.append({"bytes": common.file_bytes(path), "select": select, "val": val, "path": path})
         sd = common.cpu_state_dict(model)
         for variant in variants:
             arrays = encode(sd, *VARIANTS[variant])
@@ -228,36 +234,73 @@ def main():
             save_quantized(plain, arrays, common.arch_of(model), preprocess)
             save_quantized(packed, arrays, common.arch_of(model), preprocess, compressed=True)
             decoded, _ = load_quantized(plain)
-            acc = accuracy(decoded, preprocess)
+            val, select = scores(decoded, preprocess)
             sizes = common.file_bytes(plain), common.file_bytes(packed)
             rows.append({"model": name, "variant": variant, "bytes": sizes[0], "bytes_zip": sizes[1],
-                         "val_acc": round(acc, 4)})
-            candidates += [(sizes[0], acc, plain), (sizes[1], acc, packed)]
-            common.record_model(ckpt_dir, "4 quantization", f"{name}.{variant}", decoded, plain, acc,
-                                cfg.img_size, bytes_zip=sizes[1])
-    print("\nquantized models (val acc after decoding)")
-    print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", "val_acc"]))
+                         common.VAL_COLUMN: val, "select acc": round(select, 4)})
+            candidates += [{"bytes": size, "select": select, "val": val, "path": p}
+                           for size, p in zip(sizes, (plain, packed))]
+            common.record_model(ckpt_dir, "4 quantization", f"{name}.{variant}", decoded, plain, val,
+                                cfg.img_size, bytes_zip=sizes[1], select_acc=round(select, 4),
+                                chosen_on=data.chosen_on)
+    print(f"\nquantized models (accuracy after decoding, fp32; validation {kd_val.n} images, "
+          f"selection {len(data.select.labels)})")
+    print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", common.VAL_COLUMN, "select acc"]))
 
-    # --- the final model: the smallest file within max_acc_drop of student_kd -----------------
-    fits = [c for c in candidates if c[1] >= kd_acc - cfg.max_acc_drop]
+    # --- the final model: the smallest file within max_acc_drop of student_kd, on selection ----
+    fits = [c for c in candidates if c["select"] >= kd_select - cfg.max_acc_drop]
     if not fits:
-        common.warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_acc:.4f}); "
-                    "taking the most accurate one")
-    size, acc, final = min(fits, key=lambda c: (c[0], -c[1])) if fits else max(candidates, key=lambda c: c[1])
-    print(f"\nfinal model: {final.name}: {size:,} bytes, val acc {acc:.4f} "
-          f"(student_kd {kd_acc:.4f}, allowed drop {cfg.max_acc_drop})")
+        common.warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_select:.4f} "
+                    "on the selection split); taking the most accurate one there")
+    final = (min(fits, key=lambda c: (c["bytes"], -c["select"])) if fits
+             else max(candidates, key=lambda c: c["select"]))
+    print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
+          f"val acc {final['val']} (selection {final['select']:.4f}; student_kd {kd_select:.4f} there, "
+          f"allowed drop {cfg.max_acc_drop})")
+    common.record_result(ckpt_dir, "4 quantization", "final", file=final["path"].name, bytes=final["bytes"],
+                         val_acc=round(final["val"].acc, 4), val_n=final["val"].n, val_key=final["val"].key,
+                         val_correct=final["val"].to_text(), select_acc=round(final["select"], 4),
+                         chosen_on=data.chosen_on)
+    write_submission(final["path"], data, cfg, ckpt_dir, device)
+    print_summary(ckpt_dir, data)
+
+
+def write_submission(path, data, cfg, ckpt_dir, device):
     if data.test is None:
         common.warn(f"{data.root} has no testing/ split; no predictions written")
-    else:
-        model, preprocess = load_quantized(final) if final.suffix == ".npz" else common.load_model(final)[:2]
-        preds = common.predict(common.prepare(model, device), data.test.images.to(device),
-                               cfg.batch_size, cfg.img_size, preprocess["norm"])
-        count = common.write_predictions(ckpt_dir / "predictions.csv", data.test.names, preds)
-        print(f"predictions for {count} testing images -> {ckpt_dir / 'predictions.csv'}")
+        return
+    model, preprocess = load_quantized(path) if path.suffix == ".npz" else common.load_model(path)[:2]
+    test = data.test
+    if preprocess.get("resize", common.resize_of(cfg)) != common.resize_of(cfg):
+        test = common.load_split(cfg.data_dir, "testing", preprocess["resize"], False, cfg.get("cache_dir"))
+    preds = common.predict(common.prepare(model, device), test.images.to(device), cfg.batch_size,
+                           preprocess.get("img_size", cfg.img_size), preprocess["norm"])
+    out = ckpt_dir / "predictions.csv"
+    count, unreadable = common.write_predictions(out, test, preds)
+    print(f"predictions for {count} testing images -> {out}"
+          + (f" ({unreadable} unreadable images given class 0)" if unreadable else ""))
 
-    print("\nevery stage (checkpoints/results.json)")
-    print(common.format_table(sorted(common.read_results(ckpt_dir), key=lambda r: r["stage"]),
-                              ["stage", "model", "params", "bytes", "bytes_zip", "macs", "val_acc"]))
+
+def print_summary(ckpt_dir, data):
+    """Every stage's record, then each stage against the one before on the same images."""
+    records = common.read_results(ckpt_dir)
+    rows = [{**r, common.VAL_COLUMN: common.recorded_score(r) or r.get("val_acc")}
+            for r in sorted(records, key=lambda r: r["stage"]) if r["model"] != "final"]
+    print(f"\nevery stage ({Path(ckpt_dir) / common.RESULTS}; validation reports, {data.chosen_on} chose)")
+    print(common.format_table(rows, ["stage", "model", "params", "bytes", "bytes_zip", "macs", common.VAL_COLUMN]))
+    by_name = {r["model"]: r for r in records}
+    final_name = f"final file ({by_name['final']['file']})"
+    steps = [("student_scratch", "student_kd"), ("student_kd", "student_pruned"), ("student_pruned", "final")]
+    pairs = []
+    for a, b in steps:
+        sa, sb = (common.recorded_score(by_name[m]) if m in by_name else None for m in (a, b))
+        if sa is None or sb is None or sa.key != sb.key or sa.n != sb.n:
+            continue  # a stage not run, or scored on other images
+        pairs.append(common.paired_row(a, sa, final_name if b == "final" else b, sb))
+    if pairs:
+        print(f"\neach stage against the one before, on the same {data.val.labels.numel()} validation images "
+              "(paired bootstrap interval, exact McNemar test)")
+        print(common.format_table(pairs, list(pairs[0])))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import pickle
 import re
 import sys
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -77,7 +78,7 @@ CHECKS = {
     "epochs": (lambda v: v >= 1, "at least 1"),
     "finetune_epochs": (lambda v: v >= 0, "at least 0"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
-    "img_size": (lambda v: v >= 8, "at least 8"),
+    "img_size": (lambda v: v >= 16, "at least 16 (the student halves it four times)"),
     "resize": (lambda v: v >= 0, "0 (= img_size * 8/7) or a size in pixels"),
     "lr": (lambda v: v > 0, "greater than 0"),
     "weight_decay": (lambda v: v >= 0, "at least 0"),
@@ -93,6 +94,7 @@ CHECKS = {
     "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"),
                "auto, cpu, cuda, cuda:N or mps"),
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
+    "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
 }
 
 
@@ -156,7 +158,7 @@ def configure(namespace, argv=None):
     for name in ("data_dir", "ckpt_dir", "cache_dir"):
         if cfg.get(name):  # a path typed by the user is taken from where they are
             cfg[name] = str(resolve(cfg[name], Path.cwd() if name in given else REPO))
-    return Settings(**cfg)
+    return Settings(cfg, given=given)
 
 
 def switch_to_sample(cfg, given):
@@ -170,8 +172,30 @@ def switch_to_sample(cfg, given):
 
 
 class Settings(dict):
-    """A dict whose keys read as attributes: cfg.epochs."""
+    """A dict whose keys read as attributes (cfg.epochs) and that knows which were given."""
     __getattr__ = dict.__getitem__
+
+    def __init__(self, values, given=()):
+        super().__init__(values)
+        self.given = set(given)
+
+    def but(self, **changes):
+        """A copy with some values changed (as if given)."""
+        return Settings({**self, **changes}, self.given | set(changes))
+
+
+def adopt_recorded(cfg, record, source, names=("img_size", "resize", "select_fraction")):
+    """Settings a checkpoint recorded win over the script's defaults, not over the command line:
+    a given value that differs from the record is used, and one line says so."""
+    for name in names:
+        if name not in cfg or record.get(name) is None:
+            continue
+        if name in cfg.given:
+            if cfg[name] != record[name] and not (name == "resize" and resize_of(cfg) == record[name]):
+                print(f"note: {source} was made with {name}={record[name]}; using --{name}={cfg[name]} as given")
+        elif not (name == "resize" and "img_size" in cfg.given):  # a new crop size brings its own resize
+            cfg[name] = record[name]
+    return cfg
 
 
 def resolve(path, base):
@@ -195,6 +219,11 @@ class Split:
     images: torch.Tensor   # N x S x S x 3 uint8 (RGB)
     labels: torch.Tensor   # N int64; -1 where unlabeled (testing)
     names: list            # file names, same order
+    unreadable: list = field(default_factory=list)  # testing only: names kept as black images
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()])
 
 
 def parse_label(path):
@@ -216,13 +245,19 @@ def list_images(root, split):
     return files
 
 
+def jpeg_is_complete(data):
+    """A whole JPEG has an end marker after its last scan (bytes after the marker are fine);
+    a truncated one does not, and OpenCV would quietly fill the rest with grey."""
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
+
+
 def decode_image(path, size):
     """RGB uint8 S x S: shorter side resized to `size`, then the centre square. None if bad."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0:
         return None
-    if path.suffix.lower() in (".jpg", ".jpeg") and b"\xff\xd9" not in raw[-64:].tobytes():
-        return None  # truncated JPEG: OpenCV would quietly fill the rest with grey
+    if raw[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(raw.tobytes()):
+        return None
     img = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # grey, RGBA, CMYK, 16-bit -> 8-bit BGR
     if img is None or img.size == 0:
         return None
@@ -235,7 +270,7 @@ def decode_image(path, size):
 
 
 def cache_key(files, size):
-    h = hashlib.sha1(f"v1|{size}".encode())
+    h = hashlib.sha1(f"v2|{size}".encode())
     for p in files:
         st = p.stat()
         h.update(f"|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -243,21 +278,19 @@ def cache_key(files, size):
 
 
 def decode_split(files, size):
+    """[(path, image or None)], decoded in parallel."""
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
         images = list(tqdm(pool.map(lambda p: decode_image(p, size), files), total=len(files),
                            desc=f"decoding {files[0].parent.name}", leave=False, disable=None))
-    kept = []
-    for path, img in zip(files, images):
-        if img is None:
-            warn(f"skipping {path}: not a readable image (empty, truncated or corrupt)")
-        else:
-            kept.append((path, img))
-    return kept
+    return list(zip(files, images))
 
 
 def load_split(root, split, size, labeled=True, cache_dir=None):
-    """Decode a split once (or read it from the cache) into a Split of uint8 images."""
+    """Decode a split once (or read it from the cache) into a Split of uint8 images.
+
+    An unreadable labeled image is skipped; an unreadable test image is kept as a black one
+    (listed in Split.unreadable) so that the submission still has its row."""
     files = list_images(root, split)
     labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
     cache = None
@@ -267,17 +300,27 @@ def load_split(root, split, size, labeled=True, cache_dir=None):
         if cache.exists():
             with np.load(cache, allow_pickle=False) as z:
                 return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                             [str(n) for n in z["names"]])
+                             [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]])
     by_name = dict(zip((p.name for p in files), labels))
-    kept = decode_split(files, size)
+    kept, unreadable = [], []
+    for path, img in decode_split(files, size):
+        if img is None and labeled:
+            warn(f"skipping {path}: not a readable image (empty, truncated or corrupt)")
+            continue
+        if img is None:
+            warn(f"{path}: not a readable image; its prediction will be class 0")
+            unreadable.append(path.name)
+            img = np.zeros((size, size, 3), np.uint8)
+        kept.append((path, img))
     if not kept:
         raise UserError(f"{Path(root) / split}: no readable image left in this split")
     images = np.stack([img for _, img in kept])
     label_arr = np.array([by_name[p.name] for p, _ in kept], dtype=np.int64)
     names = [p.name for p, _ in kept]
     if cache:
-        write_cache(cache, images=images, labels=label_arr, names=np.array(names))
-    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names)
+        write_cache(cache, images=images, labels=label_arr, names=np.array(names),
+                    unreadable=np.array(unreadable, dtype=str))
+    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable)
 
 
 def write_cache(path, **arrays):
@@ -293,15 +336,22 @@ def write_cache(path, **arrays):
 
 @dataclass
 class Data:
-    train: Split
-    val: Split
-    test: Split   # None when the root has no testing/
+    train: Split      # training images minus the selection split
+    val: Split        # reports every accuracy; chooses nothing (unless select_fraction=0)
+    test: Split       # None when the root has no testing/
     num_classes: int
     class_names: list
     root: str
+    select: Split = None   # chooses every epoch, round and file; `val` when select_fraction=0
+    selection: dict = None  # {"select_fraction", "select_key"}: recorded in each checkpoint
+
+    @property
+    def chosen_on(self):
+        return "selection" if self.selection["select_fraction"] else "validation (optimistic)"
 
 
-def load_data(root, resize, cache_dir=None, splits=("training", "validation", "testing")):
+def load_data(root, resize, cache_dir=None, splits=("training", "validation", "testing"),
+              select_fraction=0.0):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found (it must hold training/ and validation/)")
@@ -314,7 +364,43 @@ def load_data(root, resize, cache_dir=None, splits=("training", "validation", "t
     test = None
     if "testing" in splits and (root / "testing").is_dir():
         test = load("testing", labeled=False)
-    return Data(train, val, test, len(names), names, str(root))
+    data = Data(train, val, test, len(names), names, str(root))
+    return hold_out_selection(data, select_fraction)
+
+
+def selection_indices(names, labels, fraction):
+    """The selection split: in each class, the round(fraction * n) files whose names hash
+    lowest (at least 1, and at least 1 left to train on). Deterministic from the file list,
+    and adding files to one class moves no other file in or out."""
+    by_class = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    chosen = []
+    for members in by_class.values():
+        k = min(len(members) - 1, max(1, round(fraction * len(members))))
+        members.sort(key=lambda i: hashlib.sha1(names[i].encode()).digest())
+        chosen += members[:k]
+    return sorted(chosen)
+
+
+def names_key(names):
+    return hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
+def hold_out_selection(data, fraction):
+    """Split data.train into training and selection; with fraction 0, validation selects."""
+    data.selection = {"select_fraction": fraction, "select_key": ""}
+    data.select = data.val
+    if not fraction or data.train is None:
+        return data
+    idx = selection_indices(data.train.names, data.train.labels.tolist(), fraction)
+    if not idx:
+        raise UserError(f"--select_fraction={fraction}: no class has 2 training images to "
+                        "spare one for the selection split; use --select_fraction=0")
+    rest = sorted(set(range(len(data.train.names))) - set(idx))
+    data.select, data.train = data.train.subset(idx), data.train.subset(rest)
+    data.selection["select_key"] = names_key(data.select.names)
+    return data
 
 
 def class_names(root):
@@ -341,14 +427,21 @@ def read_class_names(root):
     return names
 
 
-def data_for(cfg, splits=("training", "validation", "testing")):
-    """The data a script's settings point at, announced in one line."""
-    data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits)
-    sizes = ", ".join(f"{n} {len(s.labels)}" for n, s in
-                      (("training", data.train), ("validation", data.val), ("testing", data.test))
-                      if s is not None)
-    print(f"data: {data.root}: {data.num_classes} classes; {sizes} images "
+def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
+    """The data a script's settings point at, announced in one line. `recorded`: the
+    selection a checkpoint was chosen with; a different one is said."""
+    data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits,
+                     cfg.get("select_fraction", 0.0))
+    sizes = [f"{n} {len(s.labels)}" for n, s in
+             (("training", data.train), ("validation", data.val), ("testing", data.test)) if s is not None]
+    if data.select is not data.val:
+        sizes.insert(1, f"selection {len(data.select.labels)} (held out of training to choose models)")
+    print(f"data: {data.root}: {data.num_classes} classes; {', '.join(sizes)} images "
           f"({resize_of(cfg)} px stored, {cfg.img_size} px crops)")
+    if recorded and "select_fraction" in recorded and data.selection != {
+            k: recorded.get(k) for k in data.selection}:
+        warn(f"this selection split differs from the one {recorded['source']} was chosen with "
+             "(another select_fraction or other training files): its images may have been trained on")
     return data
 
 
@@ -675,6 +768,15 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     return model, preprocess, metrics
 
 
+def adopt_from(cfg, path, made_by):
+    """The settings checkpoint `path` records (preprocessing, selection split) replace the
+    script's defaults, not what was given (adopt_recorded). Returns the record, named."""
+    obj = torch_load(path, made_by)
+    record = obj.get("preprocess", {}) if isinstance(obj, dict) and "arch" in obj else {}
+    adopt_recorded(cfg, record, Path(path).name)
+    return {**record, "source": Path(path).name}
+
+
 TEACHER_FILE = "teacher_resnet18.bin"
 
 
@@ -752,36 +854,133 @@ def autocast(device):
 # Loops
 # ============================================================================================
 
+@contextmanager
+def plain_fp32(device):
+    """Evaluation in plain fp32 on every device (no autocast, no TF32), so that two files
+    compared differ only by what was done to their weights."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size, crop, norm):
-    """(mean cross-entropy, accuracy) on centre crops."""
+    """(mean cross-entropy, per-image correctness as a bool array) on centre crops, in fp32."""
     model.eval()
-    total_loss, correct = 0.0, 0
-    for x, y in eval_batches(images, labels, batch_size, crop):
-        with autocast(x.device):
+    total_loss, correct = 0.0, []
+    with plain_fp32(images.device):
+        for x, y in eval_batches(images, labels, batch_size, crop):
             logits = model(normalize(x, norm)).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(labels), correct / len(labels)
-
-
-def validator(data, cfg, device):
-    """accuracy(model, norm) on the validation centre crops; the images go to the device once."""
-    val_x, val_y = to_device_images(data.val, device)
-
-    def accuracy(model, norm):
-        return evaluate(prepare(model, device), val_x, val_y, cfg.batch_size, cfg.img_size, norm)[1]
-    return accuracy
+            total_loss += F.cross_entropy(logits, y, reduction="sum")
+            correct.append(logits.argmax(1) == y)
+    return float(total_loss) / len(labels), torch.cat(correct).cpu().numpy()
 
 
 @torch.no_grad()
 def predict(model, images, batch_size, crop, norm):
     model.eval()
     out = []
-    for x, _ in eval_batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, crop):
-        with autocast(x.device):
+    with plain_fp32(images.device):
+        for x, _ in eval_batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, crop):
             out.append(model(normalize(x, norm)).argmax(1).cpu())
     return torch.cat(out)
+
+
+class Score:
+    """An accuracy on a fixed list of images, kept as per-image correctness so that two models
+    can be compared image by image."""
+
+    def __init__(self, correct, key=None):
+        self.correct = np.asarray(correct, dtype=bool)
+        self.key = key  # names_key of the images, so that only like is paired with like
+
+    @property
+    def n(self):
+        return len(self.correct)
+
+    @property
+    def acc(self):
+        return float(self.correct.mean())
+
+    def interval(self, z=1.96):
+        """Wilson's 95% interval: honest near 0 and 1 and for a few hundred images."""
+        n, p = self.n, self.acc
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return centre - half, centre + half
+
+    def __str__(self):
+        lo, hi = self.interval()
+        return f"{self.acc:.4f} [{lo:.3f}, {hi:.3f}]"
+
+    def to_text(self):
+        return np.packbits(self.correct).tobytes().hex()
+
+    @classmethod
+    def from_text(cls, text, n):
+        return cls(np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8), count=n).astype(bool))
+
+
+def mcnemar_p(only_a, only_b):
+    """Exact two-sided McNemar test: P(a split of the discordant images this uneven or more)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired(a, b, resamples=10_000, seed=0):
+    """Score b minus score a on the same images: the difference, its 95% bootstrap interval
+    (images resampled in pairs), the exact McNemar p, and the images only a / only b got right."""
+    if a.key != b.key or a.n != b.n:
+        raise ValueError(f"paired scores need the same images ({a.n} vs {b.n} images)")
+    a, b = a.correct, b.correct
+    n = len(a)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    pb, pa = only_b / n, only_a / n
+    draws = np.random.default_rng(seed).multinomial(n, [pb, pa, max(0.0, 1 - pa - pb)], size=resamples)
+    lo, hi = np.percentile((draws[:, 0] - draws[:, 1]) / n, [2.5, 97.5])
+    return {"diff": pb - pa, "ci": (float(lo), float(hi)), "p": mcnemar_p(only_a, only_b),
+            "only_a": only_a, "only_b": only_b}
+
+
+def paired_row(name_a, a, name_b, b):
+    """A table row: how model b differs from model a on the same validation images."""
+    d = paired(a, b)
+    lo, hi = d["ci"]
+    return {"comparison": f"{name_b} - {name_a}", "difference [95% CI]": f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}]",
+            "McNemar p": f"{d['p']:.3g}", "right only before / after": f"{d['only_a']} / {d['only_b']}"}
+
+
+class Scorer:
+    """Scores a model on the validation or the selection images at the preprocessing it
+    records (img_size, resize, norm; the script's settings where it records none). Each split
+    goes to the device once per stored size."""
+
+    def __init__(self, data, cfg, device):
+        self.cfg, self.device, self.data = cfg, device, data
+        self.by_resize = {resize_of(cfg): data}
+        self.on_device = {}
+
+    def __call__(self, model, preprocess, split="val"):
+        resize = preprocess.get("resize") or resize_of(self.cfg)
+        crop = preprocess.get("img_size") or self.cfg.img_size
+        if (resize, split) not in self.on_device:
+            if resize not in self.by_resize:
+                self.by_resize[resize] = load_data(self.cfg.data_dir, resize, self.cfg.get("cache_dir"),
+                                                   ("training", "validation"),
+                                                   self.data.selection["select_fraction"])
+            self.on_device[resize, split] = to_device_images(getattr(self.by_resize[resize], split), self.device)
+        x, y = self.on_device[resize, split]
+        _, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
+        return Score(correct, names_key(getattr(self.data, split).names))
 
 
 def resume_path(ckpt_path):
@@ -789,7 +988,8 @@ def resume_path(ckpt_path):
 
 
 def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0.0, desc="train"):
-    """Train with AdamW + one-cycle, keep the best-on-validation checkpoint at ckpt_path.
+    """Train with AdamW + one-cycle; keep at ckpt_path the epoch that scores best on the
+    selection split (never on validation, unless select_fraction=0).
 
     At the end of every epoch a resumable state (model, optimizer, schedule, epoch, best score,
     RNG) is written atomically to `<ckpt_path>.resume.pt`; `--resume=True` continues from it.
@@ -799,17 +999,18 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     model = prepare(model, device)
     ckpt_path = Path(ckpt_path)
     state_path = resume_path(ckpt_path)
-    preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg)}
+    preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg), **data.selection}
     smoothing = cfg.get("label_smoothing", 0.0)
     loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
     train_x, train_y = to_device_images(data.train, device)
-    val_x, val_y = to_device_images(data.val, device)
+    sel_x, sel_y = to_device_images(data.select, device)
+    sel_name = "select" if data.select is not data.val else "val"
     steps = len(train_y) // min(cfg.batch_size, len(train_y))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, best = 0, {"val_acc": -1.0}
+    start, best = 0, {"select_acc": -1.0}
     if cfg.get("resume") and state_path.exists():
         state = torch_load(state_path)
         try:
@@ -818,7 +1019,9 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
             sched.load_state_dict(state["scheduler"])
             gen.set_state(state["gen"])
             torch.set_rng_state(state["torch_rng"])
-            start, best = state["epoch"], state["best"]
+            start, best = state["epoch"], dict(state["best"])
+            if "select_acc" not in best:  # a state written before the selection split existed
+                raise KeyError("select_acc")
         except (KeyError, RuntimeError, ValueError, TypeError):
             raise UserError(f"{state_path}: does not fit this run (another model or settings); "
                             "delete it or run without --resume=True") from None
@@ -833,10 +1036,11 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
             where = (f"{state_path} (after epoch {epoch}); rerun with --resume=True" if epoch
                      else "none yet, the first epoch had not finished")
             raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; resumable state: {where}") from None
-        val_loss, val_acc = evaluate(model, val_x, val_y, cfg.batch_size, cfg.img_size, norm)
+        sel_loss, correct = evaluate(model, sel_x, sel_y, cfg.batch_size, cfg.img_size, norm)
+        sel_acc = float(correct.mean())
         mark = ""
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+        if sel_acc > best["select_acc"]:
+            best = {"select_acc": sel_acc, "select_loss": sel_loss, "epoch": epoch + 1}
             save_checkpoint(ckpt_path, model, preprocess, best)
             mark = "  * best"
         atomic_torch_save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(),
@@ -844,7 +1048,7 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
                            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best},
                           state_path)
         print(f"{desc} epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_loss:.3f} acc {train_acc:.3f}"
-              f"  val loss {val_loss:.3f} acc {val_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
+              f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
               flush=True)
     state_path.unlink(missing_ok=True)
     return best
@@ -884,7 +1088,8 @@ def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, gen, norm, spar
 # ============================================================================================
 
 RESULTS = "results.json"
-COLUMNS = ("stage", "model", "params", "bytes", "macs", "val_acc")
+VAL_COLUMN = "val acc [95% CI]"
+COLUMNS = ("stage", "model", "params", "bytes", "macs", VAL_COLUMN)
 
 
 def read_results(ckpt_dir):
@@ -905,15 +1110,30 @@ def record_result(ckpt_dir, stage, name, **fields):
     atomic_write(Path(ckpt_dir) / RESULTS, lambda f: f.write(text.encode()))
 
 
-def record_model(ckpt_dir, stage, name, model, path, val_acc, img_size, **extra):
+def record_model(ckpt_dir, stage, name, model, path, val, img_size, **extra):
+    """One model's record: size, cost, and its validation Score image by image."""
+    lo, hi = val.interval()
     record_result(ckpt_dir, stage, name, params=count_params(model), bytes=file_bytes(path),
-                  macs=count_macs(model.cpu().float(), img_size), val_acc=round(val_acc, 4), **extra)
+                  macs=count_macs(model.cpu().float(), img_size), val_acc=round(val.acc, 4),
+                  val_ci=[round(lo, 4), round(hi, 4)], val_n=val.n, val_key=val.key,
+                  val_correct=val.to_text(), **extra)
+
+
+def recorded_score(record):
+    """The validation Score a results record holds (None for a record without one)."""
+    if "val_correct" not in record:
+        return None
+    score = Score.from_text(record["val_correct"], record["val_n"])
+    score.key = record.get("val_key")
+    return score
 
 
 def format_table(rows, columns=COLUMNS):
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
+        if v is None:
+            return ""
         return f"{v:,}" if isinstance(v, int) else str(v)
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -924,14 +1144,27 @@ def format_table(rows, columns=COLUMNS):
     return "\n".join(lines)
 
 
-def write_predictions(path, names, preds):
-    rows = sorted(zip((Path(n).stem for n in names), preds.tolist()))
+def submission_ids(names):
+    """The course's Id of each test file: its number (0000.jpg -> 0); files not all named by
+    number get their position in name order."""
+    stems = [Path(n).stem for n in names]
+    if all(s.isdigit() for s in stems):
+        return [int(s) for s in stems]
+    order = {n: i for i, n in enumerate(sorted(names))}
+    return [order[n] for n in names]
+
+
+def write_predictions(path, split, preds):
+    """The course's submission: Id,Category, rows in Id order; an unreadable image says 0.
+    Returns (rows, rows of unreadable images)."""
+    preds = preds.tolist()
+    bad = set(split.unreadable)
+    rows = sorted((i, 0 if name in bad else c) for i, name, c in zip(submission_ids(split.names), split.names, preds))
 
     def write(f):
-        text = "Id,Category\n" + "".join(f"{i},{c}\n" for i, c in rows)
-        f.write(text.encode())
+        f.write(("Id,Category\n" + "".join(f"{i},{c}\n" for i, c in rows)).encode())
     atomic_write(path, write)
-    return len(rows)
+    return len(rows), len(bad)
 
 
 def seed_everything(seed):

@@ -1,6 +1,7 @@
 """The stages as a user runs them: subprocesses on tiny generated data, one epoch each."""
 import csv
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -43,8 +44,10 @@ def test_architecture_prints_both_models_and_trains_the_baseline(pipeline):
     assert "256,779" in out and "11,182,155" in out and "cnn.7.3" in out
     assert "scratch epoch   2/2" in out
     model, preprocess, metrics = common.load_model(ck / "student_scratch.pt")
-    assert preprocess == {"norm": "imagenet", "img_size": 16, "resize": 18}
-    assert 0 <= metrics["val_acc"] <= 1
+    assert {k: preprocess[k] for k in ("norm", "img_size", "resize", "select_fraction")} == \
+        {"norm": "imagenet", "img_size": 16, "resize": 18, "select_fraction": 0.1}
+    assert len(preprocess["select_key"]) == 16
+    assert 0 <= metrics["select_acc"] <= 1 and metrics["epoch"] in (1, 2)
 
 
 def test_distillation_saves_student_kd_and_compares(pipeline):
@@ -72,14 +75,43 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
 def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
     ck, runs, args = pipeline
     out = runs["04_quantize.py"].stdout
-    assert "final model:" in out and "every stage" in out
+    assert "final model, chosen on selection:" in out and "every stage" in out
+    assert "student_kd - student_scratch" in out and "McNemar p" in out
     for name in ("student_kd.q8.npz", "student_kd.q8.z.npz", "student_pruned.q4c.npz"):
         with np.load(ck / name, allow_pickle=False):
             pass
     rows = list(csv.reader(open(ck / "predictions.csv")))
     assert rows[0] == ["Id", "Category"]
-    ids = [r[0] for r in rows[1:]]
-    assert ids == sorted(p.stem for p in (sample_root / "testing").iterdir())
+    ids = [int(r[0]) for r in rows[1:]]
+    assert ids == list(range(13))  # 0000.jpg -> 0, in numeric order
     assert all(0 <= int(r[1]) < 11 for r in rows[1:])
     stages = {r["stage"] for r in common.read_results(ck)}
     assert stages == {"0 teacher", "1 architecture", "2 distillation", "3 pruning", "4 quantization"}
+
+
+def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    plain = [a for a in args if not a.startswith(("--img_size", "--resize", "--ckpt_dir"))]
+    plain += [f"--ckpt_dir={work}", "--variants=fp16", "--models=student_kd"]
+    proc = run_script("04_quantize.py", *plain)  # the script's defaults would be 224 / 256 px
+    assert proc.returncode == 0, proc.stderr
+    assert "(18 px stored, 16 px crops)" in proc.stdout and "note:" not in proc.stdout
+    assert "selection 11 (held out" in proc.stdout and "differs" not in proc.stderr
+    proc = run_script("04_quantize.py", *plain, "--img_size=17", "--select_fraction=0.2")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: student_kd.pt was made with img_size=16; using --img_size=17 as given" in proc.stdout
+    assert "note: student_kd.pt was made with select_fraction=0.1; using --select_fraction=0.2" in proc.stdout
+    assert "(19 px stored, 17 px crops)" in proc.stdout
+    assert "selection split differs from the one student_kd.pt was chosen with" in proc.stderr
+
+
+def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    proc = run_script("02_distill.py", *args, f"--ckpt_dir={work}", "--epochs=1", "--select_fraction=0")
+    assert proc.returncode == 0, proc.stderr
+    assert "distill epoch   1/1" in proc.stdout and "  val loss" in proc.stdout
+    assert "chosen on validation (optimistic)" in proc.stdout

@@ -182,7 +182,7 @@ def reference(sample_root, tmp_path_factory):
 
 def test_same_seed_gives_identical_accuracies_and_tensors(reference):
     (ck1, out1), (ck2, out2) = reference
-    acc = lambda out: re.findall(r"val loss \S+ acc \S+", out)
+    acc = lambda out: re.findall(r"select loss \S+ acc \S+", out)
     assert acc(out1) == acc(out2) and len(acc(out1)) == 4
     a, b = tensors(ck1 / "student_scratch.pt"), tensors(ck2 / "student_scratch.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,225 @@
+"""Numbers a user can trust: a selection split chooses, validation reports, with intervals and
+paired tests; slimming is exact; the course's submission format."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import load_script
+
+prune = load_script("03_prune.py")
+
+
+def write(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+def labeled_root(root, per_class=10, classes=3):
+    rng = np.random.default_rng(0)
+    for split, count in (("training", per_class), ("validation", 4)):
+        for c in range(classes):
+            for n in range(count):
+                write(root / split / f"{c}_{n}.jpg", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    return root
+
+
+# --- the selection split ---------------------------------------------------------------------
+
+def test_the_selection_split_is_stratified_disjoint_and_deterministic(tmp_path):
+    root = labeled_root(tmp_path / "food")
+    data = common.load_data(root, 12, select_fraction=0.2)
+    assert sorted(data.select.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(data.train.labels.tolist()) == [0] * 8 + [1] * 8 + [2] * 8
+    assert not set(data.select.names) & set(data.train.names)
+    for i, name in enumerate(data.select.names):  # images travel with their names
+        j = common.load_data(root, 12).train.names.index(name)
+        assert torch.equal(data.select.images[i], common.load_data(root, 12).train.images[j])
+    again = common.load_data(root, 12, select_fraction=0.2)
+    assert again.select.names == data.select.names
+    assert data.selection == {"select_fraction": 0.2, "select_key": common.names_key(data.select.names)}
+    write(root / "training" / "0_99.jpg", np.zeros((20, 24, 3), np.uint8))  # one more file in class 0
+    grown = common.load_data(root, 12, select_fraction=0.2)
+    assert [n for n in grown.select.names if not n.startswith("0_")] == \
+        [n for n in data.select.names if not n.startswith("0_")]
+
+
+def test_select_fraction_zero_chooses_on_validation_and_says_so(tmp_path):
+    data = common.load_data(labeled_root(tmp_path / "food"), 12, select_fraction=0.0)
+    assert data.select is data.val and len(data.train.labels) == 30
+    assert data.chosen_on == "validation (optimistic)"
+
+
+def test_a_class_with_one_image_keeps_it_for_training(tmp_path):
+    root = labeled_root(tmp_path / "food", per_class=1)
+    with pytest.raises(common.UserError, match="--select_fraction=0"):
+        common.load_data(root, 12, select_fraction=0.1)
+
+
+def test_validation_chooses_nothing(tmp_path, monkeypatch):
+    """fit() never looks at validation, and keeps the same checkpoint whatever its labels say."""
+    seen = []
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda m, images, *a: seen.append(images) or evaluate(m, images, *a))
+    root = labeled_root(tmp_path / "food", per_class=6)
+    cfg = common.Settings({"epochs": 3, "batch_size": 6, "lr": 3e-3, "img_size": 16, "resize": 16,
+                           "seed": 0, "device": "cpu"})
+    saved = []
+    for flip in (False, True):
+        data = common.load_data(root, 16, select_fraction=0.34)
+        if flip:
+            data.val.labels = (data.val.labels + 1) % 3
+        torch.manual_seed(0)
+        path = tmp_path / f"m{flip}.pt"
+        common.fit(common.StudentNet(num_classes=3), data, cfg, path)
+        saved.append(torch.load(path, weights_only=True)["state_dict"])
+        assert len(seen) == 3 and all(images is data.select.images for images in seen)
+        seen.clear()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+def test_the_pruning_round_is_chosen_on_selection_not_validation():
+    rows = [{"params": 100, "acc_after": 0.90, "select_after": 0.70},
+            {"params": 50, "acc_after": 0.50, "select_after": 0.79}]
+    assert prune.choose_smallest(rows, kd_select=0.80, max_acc_drop=0.01)["params"] == 50
+
+
+# --- intervals and paired tests ---------------------------------------------------------------
+
+def test_wilson_interval_matches_the_textbook_value():
+    score = common.Score([True] * 45 + [False] * 5)
+    lo, hi = score.interval()
+    assert (round(lo, 4), round(hi, 4)) == (0.7864, 0.9565)
+    assert str(score) == "0.9000 [0.786, 0.957]"
+    lo, hi = common.Score([True] * 10).interval()
+    assert hi == pytest.approx(1.0) and 0.69 < lo < 0.73  # no [1, 1] for a perfect score
+
+
+def test_exact_mcnemar_p():
+    assert common.mcnemar_p(0, 6) == 2 / 64
+    assert common.mcnemar_p(1, 9) == 2 * (1 + 10) / 1024
+    assert common.mcnemar_p(3, 3) == 1.0 and common.mcnemar_p(0, 0) == 1.0
+    assert common.mcnemar_p(40, 60) == pytest.approx(0.0569, abs=1e-4)  # a textbook case
+
+
+def test_paired_difference_interval_and_counts():
+    a = np.array([True] * 300 + [True] * 10 + [False] * 30 + [False] * 60)
+    b = np.array([True] * 300 + [False] * 10 + [True] * 30 + [False] * 60)
+    d = common.paired(common.Score(a, "k"), common.Score(b, "k"))
+    assert d["diff"] == pytest.approx(20 / 400) and (d["only_a"], d["only_b"]) == (10, 30)
+    lo, hi = d["ci"]
+    se = math.sqrt(40 - 20 ** 2 / 400) / 400  # the textbook paired standard error
+    assert lo == pytest.approx(0.05 - 1.96 * se, abs=0.006) and hi == pytest.approx(0.05 + 1.96 * se, abs=0.006)
+    assert d["p"] == common.mcnemar_p(10, 30) < 0.01
+    with pytest.raises(ValueError):
+        common.paired(common.Score(a, "k"), common.Score(b, "other images"))
+
+
+def test_per_image_correctness_round_trips_through_the_results_log(tmp_path):
+    rng = np.random.default_rng(1)
+    score = common.Score(rng.random(751) < 0.6, "key")
+    path = tmp_path / "m.pt"
+    model = common.StudentNet(widths=[4] * 8, num_classes=3)
+    common.save_checkpoint(path, model, {"norm": "imagenet"})
+    common.record_model(tmp_path, "1 architecture", "m", model, path, score, 16)
+    back = common.recorded_score(common.read_results(tmp_path)[0])
+    assert np.array_equal(back.correct, score.correct) and back.key == "key"
+    assert common.read_results(tmp_path)[0]["val_ci"] == [round(v, 4) for v in score.interval()]
+
+
+def test_evaluation_is_plain_fp32_on_cuda_too():
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before = flags()
+    with common.plain_fp32(torch.device("cuda")):
+        assert flags() == (False, False)
+    assert flags() == before
+
+
+# --- exact slimming ----------------------------------------------------------------------------
+
+def random_student(seed, widths=None):
+    """An eval-mode StudentNet with non-trivial BN statistics and betas (some negative, some > 6)."""
+    torch.manual_seed(seed)
+    model = common.StudentNet(widths=widths, num_classes=5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 1.5)
+            m.bias.data.uniform_(-1.0, 7.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+    return model.eval()
+
+
+def with_dropped_gammas_zeroed(model, small_counts):
+    """The original with only the gammas of the channels slim drops set to 0 (betas kept)."""
+    reference = random_student(0, model.widths)
+    reference.load_state_dict(model.state_dict())
+    for g, count in small_counts.items():
+        weakest = prune.importance(model, g).argsort(descending=True)[count:]
+        reference.cnn[g][1].weight.data[weakest] = 0
+    return reference.eval()
+
+
+def counts_cases(model):
+    uniform = {g: max(1, round(0.6 * model.widths[g - 1])) for g in prune.GROUPS}
+    budget = common.count_params(prune.slim(model, 0.5))
+    return {f"group {g} alone": {g: max(1, model.widths[g - 1] // 3)} for g in prune.GROUPS} | {
+        "uniform 0.6, every group": uniform, "global threshold": prune.global_counts(model, budget),
+        "one channel left everywhere": {g: 1 for g in prune.GROUPS}}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_slimming_is_exact(seed):
+    model = random_student(seed, widths=[8, 12, 16, 24, 32, 32, 24, 16])
+    x = torch.randn(4, 3, 32, 32)
+    for case, counts in counts_cases(model).items():
+        small = prune.slim_counts(model, counts).eval()
+        with torch.no_grad():
+            expected, got = with_dropped_gammas_zeroed(model, counts)(x), small(x)
+        assert small.widths != model.widths, case
+        assert (got - expected).abs().max() < 1e-5, case
+
+
+def test_the_bias_fold_matters():
+    """Without it, dropping zero-gamma channels with positive betas changes the output."""
+    model = random_student(3, widths=[8, 12, 16, 24, 32, 32, 24, 16])
+    counts = {4: 12}
+    reference = with_dropped_gammas_zeroed(model, counts)
+    small = prune.slim_counts(model, counts).eval()
+    small.cnn[4][3].bias.data.copy_(model.cnn[4][3].bias)  # undo the fold
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (small(x) - reference(x)).abs().max() > 1e-3
+
+
+# --- the course's submission format -----------------------------------------------------------
+
+def test_predictions_use_integer_ids_in_order_and_keep_unreadable_rows(tmp_path):
+    split = common.Split(torch.zeros(4, 2, 2, 3, dtype=torch.uint8), torch.full((4,), -1),
+                         ["0002.jpg", "0000.jpg", "0010.jpg", "0001.jpg"], unreadable=["0010.jpg"])
+    count, unreadable = common.write_predictions(tmp_path / "p.csv", split, torch.tensor([5, 6, 7, 8]))
+    assert (count, unreadable) == (4, 1)
+    assert (tmp_path / "p.csv").read_text() == "Id,Category\n0,6\n1,8\n2,5\n10,0\n"
+
+
+def test_an_unreadable_test_image_keeps_its_row_with_one_warning(tmp_path, capsys):
+    root = labeled_root(tmp_path / "food", per_class=2)
+    for n in range(3):
+        write(root / "testing" / f"{n:04d}.jpg", np.full((20, 20, 3), 90, np.uint8))
+    (root / "testing" / "0001.jpg").write_bytes(b"broken")
+    for _ in range(2):  # decoded, then read back from the cache
+        test = common.load_data(root, 12, cache_dir=tmp_path / "cache").test
+        assert test.names == ["0000.jpg", "0001.jpg", "0002.jpg"] and test.unreadable == ["0001.jpg"]
+    assert capsys.readouterr().err.count("0001.jpg") == 1
+
+
+def test_a_jpeg_with_trailing_bytes_decodes_and_a_truncated_one_does_not(tmp_path):
+    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    jpeg = jpeg.tobytes()
+    (tmp_path / "trailing.jpg").write_bytes(jpeg + b"\x00camera maker notes" * 20)
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    assert common.decode_image(tmp_path / "trailing.jpg", 16).shape == (16, 16, 3)
+    assert common.decode_image(tmp_path / "cut.jpg", 16) is None
