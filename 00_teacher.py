@@ -9,9 +9,8 @@ state_dict) with a JSON note of the preprocessing it was trained with.
     python 00_teacher.py
     python 00_teacher.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
 """
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torchvision
-
-import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -51,6 +50,9 @@ def main():
     cfg = common.configure(globals())
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     path = ckpt_dir / common.TEACHER_FILE
+    work = ckpt_dir / "teacher_resnet18.pt"  # the best epoch so far, while training
+    if not path.exists():
+        common.check_resume(cfg, work)
     data = common.data_for(cfg, splits=("training", "validation"))
     score = common.Scorer(data, cfg, common.pick_device(cfg.device))
 
@@ -58,23 +60,24 @@ def main():
         teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         val = score(teacher, {"norm": norm})
         print(f"{path} found: val acc {val} at {cfg.img_size} px (norm={norm}); not retraining")
-        chosen = {}
+        outputs, chosen = [], {}
     else:
         common.seed_everything(cfg.seed)
         teacher = common.make_teacher(data.num_classes)
         if cfg.pretrained:
             teacher = imagenet_start(teacher)
         print(f"training the ResNet18 teacher for {cfg.epochs} epochs (norm={cfg.teacher_norm})")
-        work = ckpt_dir / "teacher_resnet18.train.pt"
         best = common.fit(teacher, data, cfg, work, norm=cfg.teacher_norm, desc="teacher")
-        teacher = common.load_model(work)[0]
+        teacher = common.load_model(common.new_path(work))[0]
         val = score(teacher, {"norm": cfg.teacher_norm})
-        common.save_teacher(path, teacher, cfg.teacher_norm,
-                            {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
-        work.unlink()
+        outputs = common.save_teacher(path, teacher, cfg.teacher_norm,
+                                      {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
         chosen = {"select_acc": round(best["select_acc"], 4), "chosen_on": data.chosen_on}
-        print(f"teacher: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}) -> {path}")
-    common.record_model(ckpt_dir, "0 teacher", "teacher_resnet18", teacher, path, val, cfg.img_size, **chosen)
+        print(f"teacher: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on})")
+    size_of = common.new_path(path) if outputs else path
+    record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size, **chosen)
+    common.say_written(common.publish(ckpt_dir, outputs, [record],
+                                      finished=[common.new_path(work), common.resume_path(work)]))
 
 
 if __name__ == "__main__":

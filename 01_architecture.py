@@ -7,12 +7,10 @@ checkpoints/student_scratch.pt: the baseline every later stage must beat.
     python 01_architecture.py                      # Food-11 in data/food-11, or the sample
     python 01_architecture.py --img_size=128 --epochs=10 --data_dir=../shared/data/food101-10
 """
-import io
 import time
 
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
-
-import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -36,40 +34,42 @@ resume = False  # continue an interrupted run from its resumable state
 bench = True  # time CPU latency and throughput of both models
 
 
-def fp32_bytes(model):
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
+SINGLE_RUNS, BATCH_RUNS = 11, 5
 
 
 @torch.no_grad()
-def cpu_speed(model, img_size, runs=5):
-    """(median ms for one image, images/s at batch 32) on the CPU."""
+def cpu_speed(model, img_size):
+    """Seconds of each timed forward pass on the CPU: ([SINGLE_RUNS at batch 1], [BATCH_RUNS at 32])."""
     model = model.cpu().eval().to(memory_format=torch.channels_last)
 
-    def median_seconds(x, n):
-        model(x)
+    def seconds(x, n):
+        model(x)  # warm-up
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - t0)
-        return sorted(times)[n // 2]
+        return sorted(times)
     one = torch.rand(1, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
     many = torch.rand(32, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
-    return 1000 * median_seconds(one, 2 * runs + 1), 32 / median_seconds(many, runs)
+    return seconds(one, SINGLE_RUNS), seconds(many, BATCH_RUNS)
 
 
 def compare(models, cfg):
+    """models: name -> (model, the object its file holds). Bytes are those of that file."""
     rows = []
-    for name, model in models.items():
-        row = {"model": name, "params": common.count_params(model), "fp32 bytes": fp32_bytes(model),
+    for name, (model, saved) in models.items():
+        row = {"model": name, "params": common.count_params(model), "file bytes": common.saved_bytes(saved),
                "MACs": common.count_macs(model, cfg.img_size)}
         if cfg.bench:
-            ms, ips = cpu_speed(model, cfg.img_size)
-            row.update({"cpu ms @1": round(ms, 2), "cpu img/s @32": round(ips, 1)})
+            one, many = cpu_speed(model, cfg.img_size)
+            row[f"cpu ms @1 (median, min-max of {SINGLE_RUNS})"] = \
+                f"{1000 * one[len(one) // 2]:.2f} ({1000 * one[0]:.2f}-{1000 * one[-1]:.2f})"
+            row[f"cpu img/s @32 (median, min-max of {BATCH_RUNS})"] = \
+                f"{32 / many[len(many) // 2]:.0f} ({32 / many[-1]:.0f}-{32 / many[0]:.0f})"
         rows.append(row)
-    print(f"\nstudent vs teacher at {cfg.img_size} px")
+    print(f"\nstudent vs teacher at {cfg.img_size} px (file bytes: the student's .pt as this stage writes it, "
+          "the teacher's .bin in the course's format)")
     print(common.format_table(rows, list(rows[0])))
 
 
@@ -95,21 +95,28 @@ def block_table(model):
 def main():
     cfg = common.configure(globals())
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    path = ckpt_dir / "student_scratch.pt"
+    common.check_resume(cfg, path)
     data = common.data_for(cfg, splits=("training", "validation"))
     common.seed_everything(cfg.seed)
     student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     teacher = common.make_teacher(data.num_classes)
-    compare({"student": student, "teacher (ResNet18)": teacher}, cfg)
+    preprocess = {"norm": common.STUDENT_NORM, "img_size": cfg.img_size, "resize": common.resize_of(cfg),
+                  **data.selection}
+    as_saved = common.checkpoint(student, preprocess, {"select_acc": 0.0, "select_loss": 0.0, "epoch": 1})
+    compare({"student": (student, as_saved),
+             "teacher (ResNet18)": (teacher, common.cpu_state_dict(teacher))}, cfg)
     block_table(student)
 
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
-    path = ckpt_dir / "student_scratch.pt"
     best = common.fit(student, data, cfg, path, desc="scratch")
-    model, preprocess, _ = common.load_model(path)
+    model, preprocess, _ = common.load_model(common.new_path(path))
     val = common.Scorer(data, cfg, common.pick_device(cfg.device))(model, preprocess)
-    common.record_model(ckpt_dir, "1 architecture", "student_scratch", model, path, val, cfg.img_size,
-                        select_acc=round(best["select_acc"], 4), chosen_on=data.chosen_on, seed=cfg.seed)
-    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}) -> {path}")
+    record = common.model_record("1 architecture", "student_scratch", model, common.new_path(path), val,
+                                 cfg.img_size, select_acc=round(best["select_acc"], 4),
+                                 chosen_on=data.chosen_on, seed=cfg.seed)
+    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on})")
+    common.say_written(common.publish(ckpt_dir, [path], [record], finished=[common.resume_path(path)]))
 
 
 if __name__ == "__main__":

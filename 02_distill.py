@@ -38,6 +38,11 @@ resume = False  # continue an interrupted run from its resumable state
 def main():
     cfg = common.configure(globals())
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    path, scratch_path = ckpt_dir / "student_kd.pt", ckpt_dir / "student_scratch.pt"
+    common.require(ckpt_dir / common.TEACHER_FILE, "00_teacher.py")
+    if not cfg.from_scratch:
+        common.require(scratch_path, "01_architecture.py")
+    common.check_resume(cfg, path)
     data = common.data_for(cfg, splits=("training", "validation"))
     device = common.pick_device(cfg.device)
     teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
@@ -47,22 +52,21 @@ def main():
     print(f"teacher: val acc {teacher_val} at {cfg.img_size} px (norm={norm})")
 
     common.seed_everything(cfg.seed)
-    scratch_path = ckpt_dir / "student_scratch.pt"
     if cfg.from_scratch:
         student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     else:
         student = common.load_model(scratch_path, "student", data.num_classes,
                                     made_by="01_architecture.py")[0]
     loss = common.distill_loss(teacher, norm, cfg.temperature, cfg.alpha)
-    path = ckpt_dir / "student_kd.pt"
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
           f"sparsity={cfg.sparsity})")
     best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill")
-    student, preprocess, _ = common.load_model(path)
+    student, preprocess, _ = common.load_model(common.new_path(path))
     kd_val = score(student, preprocess)
-    common.record_model(ckpt_dir, "2 distillation", "student_kd", student, path, kd_val, cfg.img_size,
-                        select_acc=round(best["select_acc"], 4), chosen_on=data.chosen_on, seed=cfg.seed,
-                        temperature=cfg.temperature, alpha=cfg.alpha)
+    record = common.model_record("2 distillation", "student_kd", student, common.new_path(path), kd_val,
+                                 cfg.img_size, select_acc=round(best["select_acc"], 4),
+                                 chosen_on=data.chosen_on, seed=cfg.seed, temperature=cfg.temperature,
+                                 alpha=cfg.alpha)
 
     rows = [{"model": "teacher (ResNet18)", common.VAL_COLUMN: teacher_val}]
     scratch_val = None
@@ -77,7 +81,7 @@ def main():
         print("\ndistilled vs scratch on the same images")
         row = common.paired_row("scratch", scratch_val, "distilled", kd_val)
         print(common.format_table([row], list(row)))
-    print(f"\nstudent_kd -> {path}")
+    common.say_written(common.publish(ckpt_dir, [path], [record], finished=[common.resume_path(path)]))
 
 
 if __name__ == "__main__":

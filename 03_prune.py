@@ -13,11 +13,10 @@ within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
 """
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import cv2
 import numpy as np
 import torch
-
-import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -45,7 +44,7 @@ seed = 0  # random seed (batch order, augmentation)
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
-resume = False  # continue an interrupted run; finished rounds are reused
+resume = False  # continue an interrupted run; finished fine-tunes are reused
 
 
 # ============================================================================================
@@ -200,12 +199,16 @@ def choose_smallest(rows, kd_select, max_acc_drop):
 
 def main():
     cfg = common.configure(globals())
-    if cfg.method not in ("uniform", "global"):
-        raise common.UserError(f"--method={cfg.method}: it must be uniform or global")
     groups = parse_groups(cfg.prune_groups)
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     kd_path = ckpt_dir / "student_kd.pt"
     recorded = common.adopt_from(cfg, kd_path, "02_distill.py")
+    sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
+    variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
+    keeps = [cfg.prune_rate ** k for k in range(1, cfg.prune_count + 1)]
+    round_paths = [ckpt_dir / f"student_pruned_{keep:.3f}{variant}.pt" for keep in keeps]
+    sparse_path = ckpt_dir / "student_sparse.pt"
+    common.check_resume(cfg, sparse_path, *round_paths)
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
     preprocess = {**preprocess, **data.selection}
@@ -220,7 +223,7 @@ def main():
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
         """Train `model` (a fresh optimizer on its own parameters) and return its best epoch."""
         common.fit(model, data, cfg.but(epochs=epochs), path, norm=norm, loss_fn=loss, sparsity=sparsity, desc=desc)
-        return common.load_model(path)[0].cpu()
+        return common.load_model(common.new_path(path))[0].cpu()
 
     (kd_val, kd_select), kd_params = scores(kd), common.count_params(kd)
     loss = None
@@ -231,50 +234,44 @@ def main():
           f"fine-tuning with {'distillation' if loss else 'cross-entropy'}")
 
     # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------
-    sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
-    base = kd.cpu()
+    base, outputs = kd.cpu(), []
     if sparse:
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
-        base = fine_tune(kd, ckpt_dir / "student_sparse.pt", cfg.sparsity_epochs, "sparsity", cfg.sparsity)
+        base = fine_tune(kd, sparse_path, cfg.sparsity_epochs, "sparsity", cfg.sparsity)
         print(f"after the sparsity fine-tune: val acc {scores(base)[0]}")
-        base = base.cpu()
+        base, outputs = base.cpu(), [sparse_path]
 
     # --- the rounds, each from the same base ------------------------------------------------
-    variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
-    rows = []
-    for k in range(1, cfg.prune_count + 1):
-        keep = cfg.prune_rate ** k
+    rows, records = [], []
+    for k, (keep, path) in enumerate(zip(keeps, round_paths), 1):
         model = prune_model(base, keep, groups, cfg.method)
-        name = f"student_pruned_{keep:.3f}{variant}"
-        path = ckpt_dir / f"{name}.pt"
         before = scores(model)[0]
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
               f"{common.count_params(model):,} params, val acc {before} before fine-tuning")
-        if cfg.resume and path.exists() and not common.resume_path(path).exists():
-            print(f"reusing finished round {path}")
-            model = common.load_model(path)[0]
-        elif cfg.finetune_epochs:
+        if cfg.finetune_epochs:
             model = fine_tune(model, path, cfg.finetune_epochs, f"round {k}")
         else:
-            common.save_checkpoint(path, model, preprocess)
+            common.save_checkpoint(common.new_path(path), model, preprocess)
         after, select = scores(model)
         rows.append({"keep": round(keep, 3), "params": common.count_params(model),
-                     "macs": common.count_macs(model.cpu(), cfg.img_size), "bytes": common.file_bytes(path),
+                     "macs": common.count_macs(model.cpu(), cfg.img_size),
+                     "bytes": common.file_bytes(common.new_path(path)),
                      "acc_before": before.acc, "acc_after": after.acc, "select_after": select,
                      "val before": before, "val after [95% CI]": after, "select after": round(select, 4),
-                     "path": path, "score": after})
-        common.record_model(ckpt_dir, "3 pruning", name, model, path, after, cfg.img_size,
-                            keep=rows[-1]["keep"], method=cfg.method, acc_before=round(before.acc, 4),
-                            select_acc=round(select, 4), chosen_on=data.chosen_on)
+                     "path": path, "score": after, "model": model})
+        records.append(common.model_record("3 pruning", path.stem, model, common.new_path(path), after,
+                                           cfg.img_size, keep=rows[-1]["keep"], method=cfg.method,
+                                           acc_before=round(before.acc, 4), select_acc=round(select, 4),
+                                           chosen_on=data.chosen_on))
 
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
     chosen = choose_smallest(rows, kd_select, cfg.max_acc_drop)
     final = ckpt_dir / "student_pruned.pt"
-    blob = chosen["path"].read_bytes()
-    common.atomic_write(final, lambda f: f.write(blob))
-    common.record_model(ckpt_dir, "3 pruning", "student_pruned", common.load_model(final)[0], final,
-                        chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
-                        select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on)
+    blob = common.new_path(chosen["path"]).read_bytes()
+    common.atomic_write(common.new_path(final), lambda f: f.write(blob))
+    records.append(common.model_record("3 pruning", "student_pruned", chosen["model"], common.new_path(final),
+                                       chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
+                                       select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on))
     print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}), "
           f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
           f"epochs and the round chosen on {data.chosen_on}")
@@ -284,8 +281,11 @@ def main():
           f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select:.4f}, "
           f"allowed drop {cfg.max_acc_drop})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
-    plot_rounds(plot, rows, {"params": kd_params, "bytes": common.file_bytes(kd_path), "acc": kd_val.acc})
-    print(f"plot -> {plot}")
+    plot_rounds(common.new_path(plot), rows, {"params": kd_params, "bytes": common.file_bytes(kd_path),
+                                              "acc": kd_val.acc})
+    outputs += round_paths + [final, plot]
+    common.say_written(common.publish(ckpt_dir, outputs, records,
+                                      finished=map(common.resume_path, [sparse_path, *round_paths])))
 
 
 if __name__ == "__main__":

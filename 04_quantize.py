@@ -18,10 +18,9 @@ import math
 import zipfile
 from pathlib import Path
 
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import numpy as np
 import torch
-
-import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -216,7 +215,7 @@ def main():
         return common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes, made_by=made_by)
 
     kd_val, kd_select = scores(*load("student_kd")[:2])  # the reference every file is held to
-    rows, candidates = [], []  # candidates: {bytes, select, val, path}
+    rows, candidates, records, outputs = [], [], [], []  # candidates: {bytes, select, val, path}
     for name in names:
         path = ckpt_dir / f"{name}.pt"
         if not path.exists() and name != "student_kd":
@@ -231,18 +230,19 @@ def main():
         for variant in variants:
             arrays = encode(sd, *VARIANTS[variant])
             plain, packed = ckpt_dir / f"{name}.{variant}.npz", ckpt_dir / f"{name}.{variant}.z.npz"
-            save_quantized(plain, arrays, common.arch_of(model), preprocess)
-            save_quantized(packed, arrays, common.arch_of(model), preprocess, compressed=True)
-            decoded, _ = load_quantized(plain)
+            save_quantized(common.new_path(plain), arrays, common.arch_of(model), preprocess)
+            save_quantized(common.new_path(packed), arrays, common.arch_of(model), preprocess, compressed=True)
+            decoded, _ = load_quantized(common.new_path(plain))
             val, select = scores(decoded, preprocess)
-            sizes = common.file_bytes(plain), common.file_bytes(packed)
+            sizes = common.file_bytes(common.new_path(plain)), common.file_bytes(common.new_path(packed))
             rows.append({"model": name, "variant": variant, "bytes": sizes[0], "bytes_zip": sizes[1],
                          common.VAL_COLUMN: val, "select acc": round(select, 4)})
             candidates += [{"bytes": size, "select": select, "val": val, "path": p}
                            for size, p in zip(sizes, (plain, packed))]
-            common.record_model(ckpt_dir, "4 quantization", f"{name}.{variant}", decoded, plain, val,
-                                cfg.img_size, bytes_zip=sizes[1], select_acc=round(select, 4),
-                                chosen_on=data.chosen_on)
+            records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded,
+                                               common.new_path(plain), val, cfg.img_size, bytes_zip=sizes[1],
+                                               select_acc=round(select, 4), chosen_on=data.chosen_on))
+            outputs += [plain, packed]
     print(f"\nquantized models (accuracy after decoding, fp32; validation {kd_val.n} images, "
           f"selection {len(data.select.labels)})")
     print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", common.VAL_COLUMN, "select acc"]))
@@ -257,28 +257,33 @@ def main():
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection {final['select']:.4f}; student_kd {kd_select:.4f} there, "
           f"allowed drop {cfg.max_acc_drop})")
-    common.record_result(ckpt_dir, "4 quantization", "final", file=final["path"].name, bytes=final["bytes"],
-                         val_acc=round(final["val"].acc, 4), val_n=final["val"].n, val_key=final["val"].key,
-                         val_correct=final["val"].to_text(), select_acc=round(final["select"], 4),
-                         chosen_on=data.chosen_on)
-    write_submission(final["path"], data, cfg, ckpt_dir, device)
+    records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
+                    "bytes": final["bytes"], **common.score_fields(final["val"]),
+                    "select_acc": round(final["select"], 4), "chosen_on": data.chosen_on})
+    outputs += write_submission(final["path"], data, cfg, ckpt_dir, device)
+    written = common.publish(ckpt_dir, outputs, records)
     print_summary(ckpt_dir, data)
+    print(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz"
+          + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
 
 
 def write_submission(path, data, cfg, ckpt_dir, device):
+    """predictions.csv (as a .new file) from the final model; returns what to publish."""
     if data.test is None:
         common.warn(f"{data.root} has no testing/ split; no predictions written")
-        return
-    model, preprocess = load_quantized(path) if path.suffix == ".npz" else common.load_model(path)[:2]
+        return []
+    source = common.new_path(path) if common.new_path(path).exists() else path
+    model, preprocess = load_quantized(source) if path.suffix == ".npz" else common.load_model(source)[:2]
     test = data.test
     if preprocess.get("resize", common.resize_of(cfg)) != common.resize_of(cfg):
         test = common.load_split(cfg.data_dir, "testing", preprocess["resize"], False, cfg.get("cache_dir"))
     preds = common.predict(common.prepare(model, device), test.images.to(device), cfg.batch_size,
                            preprocess.get("img_size", cfg.img_size), preprocess["norm"])
     out = ckpt_dir / "predictions.csv"
-    count, unreadable = common.write_predictions(out, test, preds)
+    count, unreadable = common.write_predictions(common.new_path(out), test, preds)
     print(f"predictions for {count} testing images -> {out}"
           + (f" ({unreadable} unreadable images given class 0)" if unreadable else ""))
+    return [out]
 
 
 def print_summary(ckpt_dir, data):

@@ -12,12 +12,11 @@ teacher's forward added) against a plain one.
 import tempfile
 import time
 
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
-
-import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "../shared/data/food101-10"  # a Food-11-layout data set

@@ -3,13 +3,21 @@
 Every stage script keeps its settings as plain constants at its top and calls `run(main)`;
 everything they have in common lives here, once.
 """
+import os
+import signal
+import sys
+
+# Ctrl-C while the heavy modules below load (a second or more) ends the run quietly: nothing
+# has been written yet. run() takes over once they are loaded.
+signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("\ninterrupted while starting; nothing was written\n"),
+                                         os._exit(130)))
+
 import hashlib
+import io
 import json
 import math
-import os
 import pickle
 import re
-import sys
 import time
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
 
 REPO = Path(__file__).resolve().parent
 FOOD11_CLASSES = ["Bread", "Dairy product", "Dessert", "Egg", "Fried food", "Meat",
@@ -58,7 +68,7 @@ def run(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as e:
-        print(f"\ninterrupted: {e or 'nothing was left half-written'}", file=sys.stderr)
+        print(f"\ninterrupted: {str(e) or 'the previous outputs are as they were'}", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -95,6 +105,7 @@ CHECKS = {
                "auto, cpu, cuda, cuda:N or mps"),
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
+    "method": (lambda v: v in ("uniform", "global"), "uniform or global"),
 }
 
 
@@ -152,36 +163,41 @@ def configure(namespace, argv=None):
         check = CHECKS.get(name)
         if check and not check[0](value):
             raise UserError(f"--{name}={value} is out of range: it must be {check[1]}")
+    if "device" in cfg:
+        pick_device(cfg["device"])  # a missing GPU is said now, not after the first stage of work
+    notice = ""
     if cfg.get("data_dir") == DEFAULT_DATA_DIR and "data_dir" not in given \
             and not (REPO / DEFAULT_DATA_DIR).is_dir():
-        switch_to_sample(cfg, given)
+        notice = use_sample(cfg, given)
     for name in ("data_dir", "ckpt_dir", "cache_dir"):
         if cfg.get(name):  # a path typed by the user is taken from where they are
             cfg[name] = str(resolve(cfg[name], Path.cwd() if name in given else REPO))
-    return Settings(cfg, given=given)
+    return Settings(cfg, given=given, notice=notice)
 
 
-def switch_to_sample(cfg, given):
-    """No Food-11 and no --data_dir: run on the generated sample, with sample-sized settings."""
-    cfg["data_dir"] = str(make_sample(REPO / SAMPLE_DIR))
+def use_sample(cfg, given):
+    """No Food-11 and no --data_dir: the generated sample (made by data_for), with sample-sized
+    settings for whatever was not given. Returns the one-line notice data_for prints."""
+    cfg["data_dir"] = SAMPLE_DIR
     sample = {k: v for k, v in SAMPLE_SETTINGS.items() if k in cfg and k not in given}
     cfg.update(sample)
-    print(f"notice: {DEFAULT_DATA_DIR} not found, so this run uses a small generated sample in "
-          f"{SAMPLE_DIR} with " + ", ".join(f"{k}={v}" for k, v in sample.items())
-          + f". Put Food-11 (training/, validation/, testing/) in {DEFAULT_DATA_DIR} or pass --data_dir=PATH.")
+    return (f"notice: no {DEFAULT_DATA_DIR}, so a generated sample with "
+            + ", ".join(f"{k}={v}" for k, v in sample.items()) + " (--data_dir=PATH for real data)")
 
 
 class Settings(dict):
     """A dict whose keys read as attributes (cfg.epochs) and that knows which were given."""
     __getattr__ = dict.__getitem__
 
-    def __init__(self, values, given=()):
+    def __init__(self, values, given=(), notice=""):
         super().__init__(values)
-        self.given = set(given)
+        self.given, self.notice, self.derived = set(given), notice, set()
 
     def but(self, **changes):
-        """A copy with some values changed (as if given)."""
-        return Settings({**self, **changes}, self.given | set(changes))
+        """A copy with some values changed by the stage itself (`derived`, not the user's)."""
+        copy = Settings({**self, **changes}, self.given, self.notice)
+        copy.derived = set(changes)
+        return copy
 
 
 def adopt_recorded(cfg, record, source, names=("img_size", "resize", "select_fraction")):
@@ -279,10 +295,12 @@ def cache_key(files, size):
 
 def decode_split(files, size):
     """[(path, image or None)], decoded in parallel."""
-    workers = min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))  # OpenCV releases the GIL while decoding
+    try:
         images = list(tqdm(pool.map(lambda p: decode_image(p, size), files), total=len(files),
                            desc=f"decoding {files[0].parent.name}", leave=False, disable=None))
+    finally:  # on Ctrl-C, drop the queued files instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
     return list(zip(files, images))
 
 
@@ -430,6 +448,9 @@ def read_class_names(root):
 def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
     """The data a script's settings point at, announced in one line. `recorded`: the
     selection a checkpoint was chosen with; a different one is said."""
+    if cfg.notice:
+        print(cfg.notice)
+        make_sample(cfg.data_dir)
     data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits,
                      cfg.get("select_fraction", 0.0))
     sizes = [f"{n} {len(s.labels)}" for n, s in
@@ -680,7 +701,8 @@ def prepare(model, device):
 # ============================================================================================
 
 def atomic_write(path, write):
-    """Write through write(file) into a temporary file beside `path`, then rename it."""
+    """Write through write(file) into a temporary file beside `path`, then rename it. A full
+    disk or a vanished folder is one clear line, and `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -689,12 +711,46 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: could not be written ({reason}); it is as it was before") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def new_path(path):
+    """Where a run keeps a new output until it finishes: `<name>.new` beside `<name>`."""
+    return Path(path).with_name(Path(path).name + ".new")
+
+
+def publish(ckpt_dir, outputs=(), records=(), finished=()):
+    """The end of a completed run: each output's `.new` file replaces it, and the results log
+    takes the run's records, together (Ctrl-C waits until both are done). `finished`: files of
+    the run (resumable states) to remove afterwards. Returns the paths written."""
+    ckpt_dir = Path(ckpt_dir)
+    names = {r["model"] for r in records}
+    rows = [r for r in read_results(ckpt_dir) if r["model"] not in names] + list(records)
+    staged = new_path(ckpt_dir / RESULTS)
+    text = json.dumps(rows, indent=1).encode()
+    atomic_write(staged, lambda f: f.write(text))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for path in outputs:
+            os.replace(new_path(path), path)
+        os.replace(staged, ckpt_dir / RESULTS)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    for path in finished:
+        Path(path).unlink(missing_ok=True)
+    return [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
+
+
+def say_written(paths):
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def ensure_writable(folder):
@@ -715,9 +771,27 @@ def cpu_state_dict(model):
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def checkpoint(model, preprocess, metrics=None):
+    """What our .pt files hold: the model's shape, its preprocessing, its weights, its metrics."""
+    return {"arch": arch_of(model), "preprocess": dict(preprocess), "state_dict": cpu_state_dict(model),
+            "metrics": dict(metrics or {})}
+
+
 def save_checkpoint(path, model, preprocess, metrics=None):
-    atomic_torch_save({"arch": arch_of(model), "preprocess": dict(preprocess),
-                       "state_dict": cpu_state_dict(model), "metrics": dict(metrics or {})}, path)
+    atomic_torch_save(checkpoint(model, preprocess, metrics), path)
+
+
+def saved_bytes(obj):
+    """The size of the file torch.save would write for obj."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def require(path, made_by):
+    """Fail before any work when a stage's input file is missing."""
+    if not Path(path).exists():
+        raise UserError(f"{path}: not found; run {made_by} first")
 
 
 def torch_load(path, made_by=None):
@@ -793,10 +867,13 @@ def file_sha1(path):
 
 
 def save_teacher(path, model, norm, metrics):
-    """The course's format (a plain state_dict) plus a JSON note of its preprocessing."""
-    atomic_torch_save(cpu_state_dict(model), path)
-    note = {"norm": norm, "sha1": file_sha1(path), **metrics}
-    atomic_write(teacher_preprocess_path(path), lambda f: f.write(json.dumps(note, indent=1).encode()))
+    """The course's format (a plain state_dict) plus a JSON note of its preprocessing, both as
+    `.new` files for publish(). Returns the two paths to publish."""
+    note_path = teacher_preprocess_path(path)
+    atomic_torch_save(cpu_state_dict(model), new_path(path))
+    note = {"norm": norm, "sha1": file_sha1(new_path(path)), **metrics}
+    atomic_write(new_path(note_path), lambda f: f.write(json.dumps(note, indent=1).encode()))
+    return [Path(path), note_path]
 
 
 def load_teacher(ckpt_dir, num_classes, teacher_norm):
@@ -838,6 +915,7 @@ def distill_loss(teacher, teacher_norm, T, alpha):
         with torch.inference_mode(), autocast(x.device):
             t = teacher(normalize(x, teacher_norm))
         return kd_loss(logits, t.clone(), y, T, alpha)  # clone: a normal tensor autograd may keep
+    loss.describe = f"distillation T={T} alpha={alpha}"
     return loss
 
 
@@ -987,21 +1065,67 @@ def resume_path(ckpt_path):
     return Path(ckpt_path).with_name(Path(ckpt_path).name + ".resume.pt")
 
 
+# The settings that shape a training run: a resumable state records them, and resuming under
+# other values is refused (or, for a value not given, the recorded one is used).
+RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr", "weight_decay",
+             "label_smoothing", "img_size", "resize", "rotate", "jitter", "seed", "select_fraction",
+             "temperature", "alpha", "sparsity", "base", "width_mult", "from_scratch", "teacher_norm",
+             "use_teacher")
+
+
+def run_shape(cfg):
+    """The user's settings that shape the run (values a stage derived itself are not theirs)."""
+    return {k: cfg[k] for k in RUN_SHAPE if k in cfg and k not in getattr(cfg, "derived", ())}
+
+
+def read_state(state_path):
+    state = torch_load(state_path)
+    if not isinstance(state, dict) or not isinstance(state.get("shape"), dict):
+        raise UserError(f"{state_path}: not a resumable state of this version; delete it or run "
+                        "without --resume=True")
+    return state
+
+
+def check_resume(cfg, *ckpt_paths):
+    """Before any work: each resumable state of these outputs must have been made with these
+    settings. A given value that differs is an error naming both; a value not given is taken
+    from the state, and said."""
+    if not cfg.get("resume"):
+        return
+    for state_path in map(resume_path, ckpt_paths):
+        if not state_path.exists():
+            continue
+        recorded = read_state(state_path)["shape"]
+        for name, old in recorded.items():
+            if name not in cfg or cfg[name] == old:
+                continue
+            if name in cfg.given:
+                raise UserError(f"--{name}={cfg[name]}, but {state_path.name} was made with {name}={old}; "
+                                f"give --{name}={old} to resume it, or run without --resume=True")
+            print(f"resuming with {name}={old}, as {state_path.name} records")
+            cfg[name] = old
+
+
 def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0.0, desc="train"):
-    """Train with AdamW + one-cycle; keep at ckpt_path the epoch that scores best on the
-    selection split (never on validation, unless select_fraction=0).
+    """Train with AdamW + one-cycle; keep the epoch that scores best on the selection split
+    (never on validation, unless select_fraction=0) in `<ckpt_path>.new`, for the stage to
+    publish() when it has finished.
 
     At the end of every epoch a resumable state (model, optimizer, schedule, epoch, best score,
-    RNG) is written atomically to `<ckpt_path>.resume.pt`; `--resume=True` continues from it.
-    Returns the best checkpoint's metrics.
+    RNG, and what shaped the run) is written atomically to `<ckpt_path>.resume.pt`;
+    `--resume=True` continues from it, and a finished state just returns. Returns the best
+    checkpoint's metrics.
     """
     device = pick_device(cfg.device)
     model = prepare(model, device)
     ckpt_path = Path(ckpt_path)
-    state_path = resume_path(ckpt_path)
+    state_path, best_path = resume_path(ckpt_path), new_path(ckpt_path)
     preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg), **data.selection}
     smoothing = cfg.get("label_smoothing", 0.0)
     loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
+    shape = {**run_shape(cfg), "loss": getattr(loss_fn, "describe", "cross-entropy"),
+             "sparsity_weight": sparsity, "widths": arch_of(model).get("widths"),
+             "data": names_key(data.train.names + data.select.names)}
     train_x, train_y = to_device_images(data.train, device)
     sel_x, sel_y = to_device_images(data.select, device)
     sel_name = "select" if data.select is not data.val else "val"
@@ -1012,20 +1136,9 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     gen = torch.Generator().manual_seed(cfg.seed)
     start, best = 0, {"select_acc": -1.0}
     if cfg.get("resume") and state_path.exists():
-        state = torch_load(state_path)
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            gen.set_state(state["gen"])
-            torch.set_rng_state(state["torch_rng"])
-            start, best = state["epoch"], dict(state["best"])
-            if "select_acc" not in best:  # a state written before the selection split existed
-                raise KeyError("select_acc")
-        except (KeyError, RuntimeError, ValueError, TypeError):
-            raise UserError(f"{state_path}: does not fit this run (another model or settings); "
-                            "delete it or run without --resume=True") from None
-        print(f"resuming {desc} from {state_path} after epoch {start}")
+        start, best = resume(state_path, best_path, shape, model, opt, sched, gen)
+        print(f"resuming {desc} from {state_path} after epoch {start}"
+              + (" (it had finished)" if start == cfg.epochs else ""))
     elif cfg.get("resume"):
         print(f"nothing to resume at {state_path}; starting from epoch 1")
     for epoch in range(start, cfg.epochs):
@@ -1035,23 +1148,45 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
         except KeyboardInterrupt:
             where = (f"{state_path} (after epoch {epoch}); rerun with --resume=True" if epoch
                      else "none yet, the first epoch had not finished")
-            raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; resumable state: {where}") from None
+            raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; the previous outputs are as "
+                              f"they were; resumable state: {where}") from None
         sel_loss, correct = evaluate(model, sel_x, sel_y, cfg.batch_size, cfg.img_size, norm)
         sel_acc = float(correct.mean())
         mark = ""
         if sel_acc > best["select_acc"]:
             best = {"select_acc": sel_acc, "select_loss": sel_loss, "epoch": epoch + 1}
-            save_checkpoint(ckpt_path, model, preprocess, best)
+            save_checkpoint(best_path, model, preprocess, best)
             mark = "  * best"
         atomic_torch_save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "gen": gen.get_state(),
-                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best},
-                          state_path)
+                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
+                           "shape": shape}, state_path)
         print(f"{desc} epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_loss:.3f} acc {train_acc:.3f}"
               f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
               flush=True)
-    state_path.unlink(missing_ok=True)
     return best
+
+
+def resume(state_path, best_path, shape, model, opt, sched, gen):
+    """Load a resumable state into the run's objects, after checking it is this run's."""
+    state = read_state(state_path)
+    for name, value in shape.items():
+        if state["shape"].get(name) != value:
+            raise UserError(f"{state_path}: made with {name}={state['shape'].get(name)}, this run has "
+                            f"{name}={value}; delete it or run without --resume=True")
+    if not best_path.exists():
+        raise UserError(f"{state_path}: its best model {best_path.name} is missing; "
+                        "run without --resume=True")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["epoch"], dict(state["best"])
+    except (KeyError, RuntimeError, ValueError, TypeError):
+        raise UserError(f"{state_path}: damaged or of another model; delete it or run "
+                        "without --resume=True") from None
 
 
 def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, gen, norm, sparsity, epoch):
@@ -1102,21 +1237,17 @@ def read_results(ckpt_dir):
         raise UserError(f"{path}: damaged results log; delete it and rerun the stages") from None
 
 
-def record_result(ckpt_dir, stage, name, **fields):
-    """Add or replace the record of model `name` in the results log."""
-    rows = [r for r in read_results(ckpt_dir) if r["model"] != name]
-    rows.append({"stage": stage, "model": name, **fields})
-    text = json.dumps(rows, indent=1)
-    atomic_write(Path(ckpt_dir) / RESULTS, lambda f: f.write(text.encode()))
-
-
-def record_model(ckpt_dir, stage, name, model, path, val, img_size, **extra):
-    """One model's record: size, cost, and its validation Score image by image."""
+def score_fields(val):
+    """A validation Score as results-log fields: accuracy, interval and every image's outcome."""
     lo, hi = val.interval()
-    record_result(ckpt_dir, stage, name, params=count_params(model), bytes=file_bytes(path),
-                  macs=count_macs(model.cpu().float(), img_size), val_acc=round(val.acc, 4),
-                  val_ci=[round(lo, 4), round(hi, 4)], val_n=val.n, val_key=val.key,
-                  val_correct=val.to_text(), **extra)
+    return {"val_acc": round(val.acc, 4), "val_ci": [round(lo, 4), round(hi, 4)], "val_n": val.n,
+            "val_key": val.key, "val_correct": val.to_text()}
+
+
+def model_record(stage, name, model, path, val, img_size, **extra):
+    """One model's record for publish(): its size, cost and validation Score."""
+    return {"stage": stage, "model": name, "params": count_params(model), "bytes": file_bytes(path),
+            "macs": count_macs(model.cpu().float(), img_size), **score_fields(val), **extra}
 
 
 def recorded_score(record):

@@ -124,7 +124,7 @@ def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
     ("03_prune.py", "--prune_rate=1.5", "--prune_rate=1.5 is out of range: it must be in (0, 1)"),
     ("02_distill.py", "--temperature=0", "--temperature=0.0 is out of range"),
     ("02_distill.py", "--alpha=2", "--alpha=2.0 is out of range"),
-    ("03_prune.py", "--method=best", "--method=best: it must be uniform or global"),
+    ("03_prune.py", "--method=best", "--method=best is out of range: it must be uniform or global"),
     ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': give a comma-separated list from fp16"),
     ("04_quantize.py", "--models=,", "--models=',': give a comma-separated list"),
 ])
@@ -212,7 +212,8 @@ def test_ctrl_c_exits_130_and_says_where_the_state_is(sample_root, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
-    common.load_model(ck / "student_scratch.pt")  # the best checkpoint is whole
+    common.load_model(ck / "student_scratch.pt.new")  # the best epoch so far is whole
+    assert not (ck / "student_scratch.pt").exists()  # and not published: the run did not finish
     torch.load(ck / "student_scratch.pt.resume.pt", weights_only=True)
 
 
@@ -230,4 +231,4 @@ def test_a_resumable_state_of_another_run_is_a_clear_error(workspace, tmp_path):
     other = common.StudentNet(widths=[4] * 8, num_classes=11)
     torch.save({"model": other.state_dict(), "epoch": 1}, ck / "student_scratch.pt.resume.pt")
     proc = run_script("01_architecture.py", *train_args(root, ck, tmp_path, epochs=2), "--resume=True")
-    assert_clean_error(proc, "does not fit this run")
+    assert_clean_error(proc, "not a resumable state of this version")

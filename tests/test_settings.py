@@ -35,8 +35,11 @@ def test_help_lists_every_setting_with_its_comment(capsys):
 
 def test_missing_default_data_falls_back_to_the_sample_but_an_explicit_path_does_not(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "REPO", tmp_path)
-    cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR, "epochs": 50, "img_size": 224}, [])
+    cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR, "epochs": 50, "img_size": 224, "resize": 0}, [])
     assert cfg.data_dir == str(tmp_path / common.SAMPLE_DIR) and cfg.img_size == 32 and cfg.epochs == 6
+    assert cfg.notice.startswith("notice: no data/food-11, so a generated sample with img_size=32, resize=36")
+    assert not (tmp_path / common.SAMPLE_DIR).exists()  # nothing is made before the settings are all checked
+    common.data_for(cfg, splits=("training", "validation"))
     assert len(list((tmp_path / common.SAMPLE_DIR / "training").glob("*.jpg"))) == 330
     cfg = common.configure({"data_dir": common.DEFAULT_DATA_DIR, "epochs": 50}, ["--epochs=2"])
     assert cfg.epochs == 2

@@ -75,7 +75,7 @@ def test_validation_chooses_nothing(tmp_path, monkeypatch):
         torch.manual_seed(0)
         path = tmp_path / f"m{flip}.pt"
         common.fit(common.StudentNet(num_classes=3), data, cfg, path)
-        saved.append(torch.load(path, weights_only=True)["state_dict"])
+        saved.append(torch.load(common.new_path(path), weights_only=True)["state_dict"])
         assert len(seen) == 3 and all(images is data.select.images for images in seen)
         seen.clear()
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
@@ -124,7 +124,7 @@ def test_per_image_correctness_round_trips_through_the_results_log(tmp_path):
     path = tmp_path / "m.pt"
     model = common.StudentNet(widths=[4] * 8, num_classes=3)
     common.save_checkpoint(path, model, {"norm": "imagenet"})
-    common.record_model(tmp_path, "1 architecture", "m", model, path, score, 16)
+    common.publish(tmp_path, records=[common.model_record("1 architecture", "m", model, path, score, 16)])
     back = common.recorded_score(common.read_results(tmp_path)[0])
     assert np.array_equal(back.correct, score.correct) and back.key == "key"
     assert common.read_results(tmp_path)[0]["val_ci"] == [round(v, 4) for v in score.interval()]
