@@ -13,6 +13,8 @@ within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
 """
+import math
+
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import cv2
 import numpy as np
@@ -136,42 +138,62 @@ def parse_groups(text):
 # The plot: accuracy against parameters and bytes, drawn with OpenCV (no plotting package)
 # ============================================================================================
 
+PLOT_SIZE = (1100, 500)  # width, height
+GREY, BLUE, RED, INK, GRID = (150, 150, 150), (200, 90, 20), (30, 30, 220), (0, 0, 0), (225, 225, 225)
+
+
 def plot_rounds(path, rows, kd):
-    """Two panels, x = params and x = file bytes; each round before (grey) and after (blue)
-    fine-tuning, student_kd in red."""
-    width, height, pad = 1000, 440, 70
+    """Two panels, validation accuracy against parameters and against file bytes: each round
+    just pruned (grey ring) and after fine-tuning (blue dot, labelled with its keep), and
+    student_kd (red)."""
+    width, height = PLOT_SIZE
     img = np.full((height, width, 3), 255, np.uint8)
     accs = [kd["acc"]] + [r[k] for r in rows for k in ("acc_before", "acc_after")]
-    y_lo, y_hi = min(accs) - 0.02, max(accs) + 0.02
-    for panel, key in enumerate(("params", "bytes")):
-        left, right, top, bottom = panel * width // 2 + pad, (panel + 1) * width // 2 - 25, 40, height - pad
-        xs = [kd[key]] + [r[key] for r in rows]
-        x_lo, x_hi = 0, max(xs) * 1.05
+    y_ticks = nice_ticks(min(accs), max(accs))
+    for panel, (key, title) in enumerate((("params", "parameters"), ("bytes", "file bytes (.pt)"))):
+        left, right, top, bottom = panel * width // 2 + 75, (panel + 1) * width // 2 - 30, 40, height - 85
+        x_ticks = nice_ticks(0, max([kd[key]] + [r[key] for r in rows]) * 1.08)
 
         def at(x, y):
-            return (int(left + (x - x_lo) / (x_hi - x_lo) * (right - left)),
-                    int(bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)))
-        cv2.rectangle(img, (left, top), (right, bottom), (0, 0, 0), 1)
-        text(img, f"val acc vs {key}", (left, top - 12))
-        text(img, f"{x_hi:,.0f}", (right - 70, bottom + 20))
-        text(img, "0", (left, bottom + 20))
-        for y in (y_lo, y_hi):
-            text(img, f"{y:.2f}", (left - 50, at(0, y)[1] + 5))
+            return (round(left + x / x_ticks[-1] * (right - left)),
+                    round(bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)))
+        for y in y_ticks:
+            cv2.line(img, at(0, y), at(x_ticks[-1], y), GRID, 1)
+            text(img, f"{y:.2f}", (left - 45, at(0, y)[1] + 5))
+        for x in x_ticks:
+            cv2.line(img, at(x, y_ticks[0]), at(x, y_ticks[-1]), GRID, 1)
+            label = f"{x / 1000:,.0f}k"
+            text(img, label, (at(x, 0)[0] - 4 * len(label), bottom + 20))
+        cv2.rectangle(img, (left, top), (right, bottom), INK, 1)
+        text(img, f"validation accuracy vs {title}", (left, top - 14), 0.55)
+        text(img, title, ((left + right) // 2 - 4 * len(title), bottom + 45))
         for r in rows:
             before, after = at(r[key], r["acc_before"]), at(r[key], r["acc_after"])
-            cv2.line(img, before, after, (200, 200, 200), 1)
-            cv2.circle(img, before, 4, (150, 150, 150), 1, cv2.LINE_AA)
-            cv2.circle(img, after, 5, (200, 90, 20), -1, cv2.LINE_AA)
-            text(img, f"{r['keep']:.2f}", (after[0] + 6, after[1] - 6))
-        cv2.circle(img, at(kd[key], kd["acc"]), 6, (30, 30, 220), -1, cv2.LINE_AA)
-        text(img, "kd", (at(kd[key], kd["acc"])[0] - 25, at(kd[key], kd["acc"])[1] - 8))
-    text(img, "grey: just pruned   blue: after fine-tuning (label: keep)   red: student_kd",
-         (pad, height - 20))
+            cv2.line(img, before, after, GRID, 1)
+            cv2.circle(img, before, 4, GREY, 1, cv2.LINE_AA)
+            cv2.circle(img, after, 5, BLUE, -1, cv2.LINE_AA)
+            text(img, f"keep {r['keep']:.2f}", (after[0] + 7, after[1] - 7))
+        kd_at = at(kd[key], kd["acc"])
+        cv2.circle(img, kd_at, 6, RED, -1, cv2.LINE_AA)
+        text(img, "student_kd", (kd_at[0] - 45, kd_at[1] + 24))
+    ylabel = np.full((20, 200, 3), 255, np.uint8)
+    text(ylabel, "validation accuracy", (5, 15))
+    img[130:330, 8:28] = np.rot90(ylabel)
+    text(img, "grey ring: just pruned    blue dot: after fine-tuning    red: student_kd", (75, height - 15))
     common.atomic_write(path, lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
 
 
-def text(img, s, org):
-    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+def nice_ticks(lo, hi, count=6):
+    """About `count` ticks at round values (steps of 1, 2 or 5 times a power of ten) covering [lo, hi]."""
+    span = max(hi - lo, 1e-9)
+    magnitude = 10 ** math.floor(math.log10(span / count))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= span / count)
+    first, last = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    return [round(first + i * step, 10) for i in range(round((last - first) / step) + 1)]
+
+
+def text(img, s, org, scale=0.45):
+    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, INK, 1, cv2.LINE_AA)
 
 
 # ============================================================================================

@@ -347,8 +347,8 @@ def write_cache(path, **arrays):
         for old in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.npz"):
             old.unlink()  # a changed data set leaves no stale copy behind
         atomic_write(path, lambda f: np.savez(f, **arrays))
-    except OSError as e:
-        warn(f"could not cache decoded images in {path.parent} ({e.strerror}); "
+    except (OSError, UserError) as e:
+        warn(f"could not cache decoded images in {path.parent} ({getattr(e, 'strerror', None) or e}); "
              "the next run decodes them again")
 
 
@@ -1095,13 +1095,13 @@ def check_resume(cfg, *ckpt_paths):
     for state_path in map(resume_path, ckpt_paths):
         if not state_path.exists():
             continue
-        recorded = read_state(state_path)["shape"]
-        for name, old in recorded.items():
-            if name not in cfg or cfg[name] == old:
-                continue
+        differ = {name: old for name, old in read_state(state_path)["shape"].items()
+                  if name in cfg and cfg[name] != old}
+        for name, old in differ.items():
             if name in cfg.given:
                 raise UserError(f"--{name}={cfg[name]}, but {state_path.name} was made with {name}={old}; "
                                 f"give --{name}={old} to resume it, or run without --resume=True")
+        for name, old in differ.items():
             print(f"resuming with {name}={old}, as {state_path.name} records")
             cfg[name] = old
 

@@ -1,7 +1,9 @@
+import hashlib
 import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,25 @@ def load_script(name):
     return module
 
 
+def start(script, args):
+    """A stage running in the background, to interrupt or kill."""
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+
+
+def snapshot(folder):
+    """file name -> SHA-1 of its bytes, for every file in a folder."""
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
 def run_script(name, *args, timeout=300, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True, text=True,
@@ -42,3 +63,20 @@ def sample_root(tmp_path_factory):
 def fast_args(sample_root, tmp_path):
     return [f"--data_dir={sample_root}", f"--ckpt_dir={tmp_path / 'ck'}",
             f"--cache_dir={tmp_path / 'cache'}", *FAST]
+
+
+@pytest.fixture(scope="session")
+def pipeline(sample_root, tmp_path_factory):
+    """A checkpoint folder after a whole 00..04 run on the tiny sample: (folder, runs, args)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    args = [f"--data_dir={sample_root}", f"--ckpt_dir={tmp / 'ck'}", f"--cache_dir={tmp / 'cache'}",
+            "--img_size=16", "--resize=18", "--batch_size=16", "--device=cpu"]
+    runs = {}
+    for script, extra in [("00_teacher.py", ["--epochs=1"]),
+                          ("01_architecture.py", ["--epochs=2", "--bench=False"]),
+                          ("02_distill.py", ["--epochs=2", "--sparsity=1e-4"]),
+                          ("03_prune.py", ["--prune_count=2", "--finetune_epochs=1", "--max_acc_drop=1"]),
+                          ("04_quantize.py", ["--variants=fp16,q8,q4c", "--max_acc_drop=1"])]:
+        runs[script] = run_script(script, *args, *extra)
+        assert runs[script].returncode == 0, runs[script].stderr
+    return tmp / "ck", runs, args

@@ -1,23 +1,14 @@
 """Bad input, interrupted runs, safe loading: what a typo, a stray file or Ctrl-C costs (nothing)."""
-import hashlib
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import FAST, REPO, run_script
-
-
-def snapshot(folder):
-    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*")) if p.is_file()}
+from conftest import FAST, run_script, snapshot, start, wait_for
 
 
 def assert_clean_error(proc, message, code=2):
@@ -155,19 +146,6 @@ def tensors(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def start(args):
-    return subprocess.Popen([sys.executable, str(REPO / "01_architecture.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path, proc, timeout=120):
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.005)
-
-
 @pytest.fixture(scope="module")
 def reference(sample_root, tmp_path_factory):
     """Two uninterrupted runs with the same seed."""
@@ -191,7 +169,7 @@ def test_same_seed_gives_identical_accuracies_and_tensors(reference):
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, sample_root, tmp_path):
     ck = tmp_path / "ck"
     args = train_args(sample_root, ck, tmp_path)
-    proc = start(args)
+    proc = start("01_architecture.py", args)
     wait_for(ck / "student_scratch.pt.resume.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -206,7 +184,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(reference, sample_roo
 
 def test_ctrl_c_exits_130_and_says_where_the_state_is(sample_root, tmp_path):
     ck = tmp_path / "ck"
-    proc = start(train_args(sample_root, ck, tmp_path, epochs=50))
+    proc = start("01_architecture.py", train_args(sample_root, ck, tmp_path, epochs=50))
     wait_for(ck / "student_scratch.pt.resume.pt", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -1,0 +1,245 @@
+"""Never lose a good model: outputs are replaced only by a finished run, Ctrl-C at any moment is
+one line and exit 130, a resumed run is checked against what it resumes, and every setting and
+input file is checked before any work."""
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import FAST, load_script, run_script, snapshot, start, wait_for
+
+
+def assert_untouched(before, folder):
+    """Every file that was there is byte-identical; new ones are only work files."""
+    after = snapshot(folder)
+    assert {k: after.get(k) for k in before} == before
+    assert all(name.endswith((".new", ".resume.pt")) for name in set(after) - set(before)), set(after) - set(before)
+    assert not [n for n in after if ".tmp" in n]
+
+
+def assert_one_line(stderr, start="interrupted"):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(start), stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture
+def finished(pipeline, tmp_path):
+    """A copy of a finished run's checkpoint folder, and the arguments that point at it."""
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    return work, [a for a in args if not a.startswith("--ckpt_dir")] + [f"--ckpt_dir={work}"]
+
+
+# --- a run replaces its outputs only when it finishes -----------------------------------------
+
+def test_an_interrupted_rerun_leaves_the_good_model_and_its_record(finished):
+    ck, args = finished
+    before = snapshot(ck)
+    proc = start("01_architecture.py", [*args, "--epochs=50", "--bench=False"])
+    wait_for(ck / "student_scratch.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "the previous outputs are as they were" in err
+    assert_untouched(before, ck)
+    assert common.load_model(ck / "student_scratch.pt.new")  # the new run's best epoch so far, whole
+
+
+def test_a_failed_rerun_leaves_them_too(finished):
+    ck, args = finished
+    before = snapshot(ck)
+    proc = run_script("02_distill.py", *args, "--epochs=2", "--lr=1e30")
+    assert proc.returncode == 2 and "the loss became" in proc.stderr
+    assert_untouched(before, ck)
+
+
+def test_a_finished_run_replaces_files_and_records_together(finished):
+    ck, args = finished
+    old = {r["model"]: r for r in common.read_results(ck)}["student_kd"]
+    proc = run_script("02_distill.py", *args, "--epochs=1", "--seed=5")
+    assert proc.returncode == 0, proc.stderr
+    new = {r["model"]: r for r in common.read_results(ck)}["student_kd"]
+    assert new["seed"] == 5 and old["seed"] == 0
+    assert new["bytes"] == common.file_bytes(ck / "student_kd.pt")
+    assert not list(ck.glob("*.new")) and not list(ck.glob("*.resume.pt"))
+    assert f"wrote {ck / 'student_kd.pt'}, {ck / 'results.json'}" in proc.stdout
+
+
+# --- Ctrl-C at any moment -------------------------------------------------------------------
+
+@pytest.mark.parametrize("delay", [0.15, 0.6])
+def test_ctrl_c_while_starting(tmp_path, delay):
+    proc = start("02_distill.py", [f"--ckpt_dir={tmp_path}"])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert_one_line(err)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def interrupt_inside(monkeypatch, owner, name, midway=False):
+    """Make `owner.name` deliver a real SIGINT to this process while it runs."""
+    original = getattr(owner, name)
+
+    sent = []
+
+    def ctrl_c():  # once: a user presses Ctrl-C once
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+            time.sleep(0.5)  # the KeyboardInterrupt lands here, inside the call
+
+    def interrupted(*args, **kw):
+        ctrl_c()
+        return original(*args, **kw)
+
+    def interrupted_while_writing(path, write):
+        def half_then_interrupt(f):
+            f.write(b"half a file")
+            ctrl_c()
+            write(f)
+        return original(path, half_then_interrupt)
+    monkeypatch.setattr(owner, name, interrupted_while_writing if midway else interrupted)
+
+
+MOMENTS = {
+    "decoding": ("01_architecture.py", lambda m: (common, "decode_image"), ["--epochs=1", "--bench=False"]),
+    "benchmark": ("01_architecture.py", lambda m: (m, "cpu_speed"), ["--epochs=1"]),
+    "training": ("01_architecture.py", lambda m: (common, "train_epoch"), ["--epochs=1", "--bench=False"]),
+    "evaluation": ("02_distill.py", lambda m: (common, "evaluate"), ["--epochs=1"]),
+    "quantizing": ("04_quantize.py", lambda m: (m, "encode"), []),
+    "writing": ("04_quantize.py", lambda m: (common, "atomic_write"), []),
+}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_ctrl_c_at_any_moment_is_one_line_and_loses_nothing(finished, monkeypatch, capsys, tmp_path, moment):
+    ck, args = finished
+    script, target, extra = MOMENTS[moment]
+    module = load_script(script)
+    interrupt_inside(monkeypatch, *target(module), midway=moment == "writing")
+    monkeypatch.setattr(sys, "argv", [script, *args, f"--cache_dir={tmp_path / 'fresh-cache'}", *extra])
+    before = snapshot(ck)
+    with pytest.raises(SystemExit) as stop:
+        common.run(module.main)
+    assert stop.value.code == 130
+    assert_one_line(capsys.readouterr().err)
+    assert_untouched(before, ck)
+
+
+# --- resume checks what it resumes ----------------------------------------------------------
+
+def test_resume_uses_the_recorded_settings_or_refuses_other_given_ones(sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    args = [f"--data_dir={sample_root}", f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}",
+            *FAST, "--bench=False"]
+    proc = start("01_architecture.py", [*args, "--epochs=3"])
+    wait_for(ck / "student_scratch.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for wrong, message in (("--epochs=5", "--epochs=5, but student_scratch.pt.resume.pt was made with epochs=3"),
+                           ("--lr=0.1", "--lr=0.1, but student_scratch.pt.resume.pt was made with lr=0.003")):
+        refused = run_script("01_architecture.py", *args, wrong, "--resume=True")
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert refused.stdout == "" and "Traceback" not in refused.stderr
+    resumed = run_script("01_architecture.py", *args, "--resume=True")  # 01's default is 40 epochs
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with epochs=3, as student_scratch.pt.resume.pt records" in resumed.stdout
+    assert "scratch epoch   3/3" in resumed.stdout and "/40" not in resumed.stdout
+
+
+def test_a_state_of_another_data_set_is_refused_before_training(sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    args = [f"--data_dir={sample_root}", f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}",
+            *FAST, "--bench=False", "--epochs=2"]
+    proc = start("01_architecture.py", args)
+    wait_for(ck / "student_scratch.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = tmp_path / "other"
+    shutil.copytree(sample_root, other)
+    (other / "training" / "0_0.jpg").unlink()
+    refused = run_script("01_architecture.py", *args, f"--data_dir={other}", "--resume=True")
+    assert refused.returncode == 2 and "made with data=" in refused.stderr, refused.stderr
+    assert "scratch epoch" not in refused.stdout
+
+
+# --- everything is checked before any work --------------------------------------------------
+
+CHECKED_FIRST = [
+    ("03_prune.py", ["--method=random"], "--method=random is out of range: it must be uniform or global"),
+    ("02_distill.py", [], "teacher_resnet18.bin: not found; run 00_teacher.py first"),
+    ("02_distill.py", ["--from_scratch=False"], "student_scratch.pt: not found; run 01_architecture.py first"),
+    ("03_prune.py", [], "student_kd.pt: not found; run 02_distill.py first"),
+    ("04_quantize.py", ["--variants=q9"], "--variants='q9': give a comma-separated list"),
+]
+if not torch.cuda.is_available():
+    CHECKED_FIRST.append(("01_architecture.py", ["--device=cuda"], "--device=cuda: no CUDA device here"))
+
+
+@pytest.mark.parametrize("script, extra, message", CHECKED_FIRST)
+def test_bad_settings_and_missing_inputs_stop_before_any_work(tmp_path, script, extra, message):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    if "from_scratch" in " ".join(extra):
+        torch.save(common.make_teacher(11).state_dict(), ck / common.TEACHER_FILE)
+    proc = run_script(script, f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}", *extra)  # default data
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""  # no notice, no data line: nothing before the error
+    assert not (tmp_path / "cache").exists()
+
+
+# --- saying where things went -----------------------------------------------------------------
+
+def test_the_sample_notice_is_one_line_printed_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    settings = {"data_dir": common.DEFAULT_DATA_DIR, "img_size": 224, "resize": 0, "epochs": 40,
+                "cache_dir": ""}
+    cfg = common.configure(settings, [])
+    common.data_for(cfg, splits=("training", "validation"))
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and len(notices[0]) < 120, out
+
+
+def test_the_byte_column_of_01_is_the_file_it_writes(sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    proc = run_script("01_architecture.py", f"--data_dir={sample_root}", f"--ckpt_dir={ck}",
+                      f"--cache_dir={tmp_path / 'cache'}", *FAST, "--epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    row = re.search(r"^student\s+([\d,]+)\s+([\d,]+)", proc.stdout, flags=re.M)
+    assert int(row.group(2).replace(",", "")) == common.file_bytes(ck / "student_scratch.pt")
+    record = {r["model"]: r for r in common.read_results(ck)}["student_scratch"]
+    assert record["bytes"] == common.file_bytes(ck / "student_scratch.pt")
+    assert "cpu ms @1 (median, min-max of 11)" in proc.stdout
+
+
+def test_04_says_where_its_files_and_records_went(pipeline):
+    ck, runs, _ = pipeline
+    out = runs["04_quantize.py"].stdout
+    assert f"files in {ck} (*.npz, *.z.npz, predictions.csv) and {ck / 'results.json'}" in out
+
+
+def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"the good model")
+
+    def no_space(f):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(common.UserError, match="could not be written \\(No space left on device\\)"):
+        common.atomic_write(path, no_space)
+    assert path.read_bytes() == b"the good model" and list(tmp_path.iterdir()) == [path]
+
+
+def test_plot_ticks_are_round_numbers():
+    prune = load_script("03_prune.py")
+    assert prune.nice_ticks(0.43, 0.61) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
+    assert prune.nice_ticks(0, 270_000) == [0, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000]
