@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 
-# Ctrl-C while the heavy modules below load (a second or more) ends the run quietly: nothing
-# has been written yet. run() takes over once they are loaded.
-signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("\ninterrupted while starting; nothing was written\n"),
-                                         os._exit(130)))
+# Ctrl-C (or a kill's SIGTERM) while the heavy modules below load (a second or more) ends the
+# run quietly: nothing has been written yet. run() takes over once they are loaded.
+for _sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_sig, lambda *_: (sys.stderr.write("\ninterrupted while starting; nothing was written\n"),
+                                    os._exit(130)))
 
 import hashlib
 import io
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
+for _sig in (signal.SIGINT, signal.SIGTERM):  # from here on both are a KeyboardInterrupt
+    signal.signal(_sig, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent
 FOOD11_CLASSES = ["Bread", "Dairy product", "Dessert", "Egg", "Fried food", "Meat",
@@ -269,7 +271,10 @@ def jpeg_is_complete(data):
 
 def decode_image(path, size):
     """RGB uint8 S x S: shorter side resized to `size`, then the centre square. None if bad."""
-    raw = np.fromfile(path, dtype=np.uint8)
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError:  # unreadable (permissions, a vanished file): skipped and said like a corrupt one
+        return None
     if raw.size == 0:
         return None
     if raw[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(raw.tobytes()):
@@ -737,13 +742,13 @@ def publish(ckpt_dir, outputs=(), records=(), finished=()):
     staged = new_path(ckpt_dir / RESULTS)
     text = json.dumps(rows, indent=1).encode()
     atomic_write(staged, lambda f: f.write(text))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for path in outputs:
             os.replace(new_path(path), path)
         os.replace(staged, ckpt_dir / RESULTS)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     for path in finished:
         Path(path).unlink(missing_ok=True)
     return [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
@@ -1232,9 +1237,12 @@ def read_results(ckpt_dir):
     if not path.exists():
         return []
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: damaged results log; delete it and rerun the stages") from None
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+        raise UserError(f"{path}: damaged results log; delete it and rerun the stages")
+    return rows
 
 
 def score_fields(val):

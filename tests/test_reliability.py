@@ -40,12 +40,13 @@ def finished(pipeline, tmp_path):
 
 # --- a run replaces its outputs only when it finishes -----------------------------------------
 
-def test_an_interrupted_rerun_leaves_the_good_model_and_its_record(finished):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_rerun_leaves_the_good_model_and_its_record(finished, sig):
     ck, args = finished
     before = snapshot(ck)
     proc = start("01_architecture.py", [*args, "--epochs=50", "--bench=False"])
     wait_for(ck / "student_scratch.pt.resume.pt", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "the previous outputs are as they were" in err
@@ -237,6 +238,13 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path):
     with pytest.raises(common.UserError, match="could not be written \\(No space left on device\\)"):
         common.atomic_write(path, no_space)
     assert path.read_bytes() == b"the good model" and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"model": "x"}', b"\xff\xfe not text", b"[{}]"])
+def test_a_damaged_results_log_is_one_line(tmp_path, content):
+    (tmp_path / common.RESULTS).write_bytes(content)
+    with pytest.raises(common.UserError, match="damaged results log"):
+        common.read_results(tmp_path)
 
 
 def test_plot_ticks_are_round_numbers():
