@@ -233,7 +233,7 @@ def main():
     common.check_resume(cfg, sparse_path, *round_paths)
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
-    preprocess = {**preprocess, **data.selection}
+    preprocess = {**common.as_given(cfg, preprocess), **data.selection}
     norm = preprocess["norm"]
     device = common.pick_device(cfg.device)
     score = common.Scorer(data, cfg, device)

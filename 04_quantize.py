@@ -211,17 +211,22 @@ def main():
         return score(model, preprocess), score(model, preprocess, "select").acc
 
     def load(name):
+        """(model, its preprocessing with any sizes given on the command line)."""
         made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
-        return common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes, made_by=made_by)
+        model, preprocess, _ = common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes,
+                                                 made_by=made_by)
+        if name != "student_kd":  # student_kd's selection was checked when the data was loaded
+            common.check_selection(data, preprocess, f"{name}.pt")
+        return model, common.as_given(cfg, preprocess)
 
-    kd_val, kd_select = scores(*load("student_kd")[:2])  # the reference every file is held to
+    kd_val, kd_select = scores(*load("student_kd"))  # the reference every file is held to
     rows, candidates, records, outputs = [], [], [], []  # candidates: {bytes, select, val, path}
     for name in names:
         path = ckpt_dir / f"{name}.pt"
         if not path.exists() and name != "student_kd":
             print(f"{path.name} not found; skipped")
             continue
-        model, preprocess, _ = load(name)
+        model, preprocess = load(name)
         val, select = (kd_val, kd_select) if name == "student_kd" else scores(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
                      common.VAL_COLUMN: val, "select acc": round(select, 4)})
@@ -239,8 +244,9 @@ def main():
                          common.VAL_COLUMN: val, "select acc": round(select, 4)})
             candidates += [{"bytes": size, "select": select, "val": val, "path": p}
                            for size, p in zip(sizes, (plain, packed))]
+            crop = preprocess.get("img_size", cfg.img_size)
             records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded,
-                                               common.new_path(plain), val, cfg.img_size, bytes_zip=sizes[1],
+                                               common.new_path(plain), val, crop, bytes_zip=sizes[1],
                                                select_acc=round(select, 4), chosen_on=data.chosen_on))
             outputs += [plain, packed]
     print(f"\nquantized models (accuracy after decoding, fp32; validation {kd_val.n} images, "
@@ -290,11 +296,11 @@ def print_summary(ckpt_dir, data):
     """Every stage's record, then each stage against the one before on the same images."""
     records = common.read_results(ckpt_dir)
     rows = [{**r, common.VAL_COLUMN: common.recorded_score(r) or r.get("val_acc")}
-            for r in sorted(records, key=lambda r: r["stage"]) if r["model"] != "final"]
+            for r in sorted(records, key=lambda r: str(r.get("stage"))) if r["model"] != "final"]
     print(f"\nevery stage ({Path(ckpt_dir) / common.RESULTS}; validation reports, {data.chosen_on} chose)")
     print(common.format_table(rows, ["stage", "model", "params", "bytes", "bytes_zip", "macs", common.VAL_COLUMN]))
     by_name = {r["model"]: r for r in records}
-    final_name = f"final file ({by_name['final']['file']})"
+    final_name = f"final file ({by_name.get('final', {}).get('file', '?')})"
     steps = [("student_scratch", "student_kd"), ("student_kd", "student_pruned"), ("student_pruned", "final")]
     pairs = []
     for a, b in steps:

@@ -263,10 +263,37 @@ def list_images(root, split):
     return files
 
 
-def jpeg_is_complete(data):
-    """A whole JPEG has an end marker after its last scan (bytes after the marker are fine);
-    a truncated one does not, and OpenCV would quietly fill the rest with grey."""
-    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
+def jpeg_is_truncated(data):
+    """True when a JPEG's bytes end before its end marker (OpenCV would quietly fill the rest
+    with grey). Walks the marker segments and the scans' entropy-coded data, so bytes after the
+    image (camera notes, an appended video) are never mistaken for part of it. A layout this
+    walk does not follow is left to OpenCV."""
+    pos, n = 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False  # not a layout we follow
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return False  # the end marker: whole
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if pos + 3 >= n:
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # a scan: entropy-coded data up to the next real marker
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return True
+                follow = data[pos + 1]
+                if follow == 0x00 or 0xD0 <= follow <= 0xD7:  # a stuffed 0xFF, a restart marker
+                    pos += 2
+                elif follow == 0xFF:
+                    pos += 1
+                else:
+                    break
+    return True
 
 
 def decode_image(path, size):
@@ -277,7 +304,7 @@ def decode_image(path, size):
         return None
     if raw.size == 0:
         return None
-    if raw[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(raw.tobytes()):
+    if raw[:2].tobytes() == b"\xff\xd8" and jpeg_is_truncated(raw.tobytes()):
         return None
     img = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # grey, RGBA, CMYK, 16-bit -> 8-bit BGR
     if img is None or img.size == 0:
@@ -330,8 +357,7 @@ def load_split(root, split, size, labeled=True, cache_dir=None):
         if img is None and labeled:
             warn(f"skipping {path}: not a readable image (empty, truncated or corrupt)")
             continue
-        if img is None:
-            warn(f"{path}: not a readable image; its prediction will be class 0")
+        if img is None:  # said when its prediction is written
             unreadable.append(path.name)
             img = np.zeros((size, size, 3), np.uint8)
         kept.append((path, img))
@@ -464,11 +490,16 @@ def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
         sizes.insert(1, f"selection {len(data.select.labels)} (held out of training to choose models)")
     print(f"data: {data.root}: {data.num_classes} classes; {', '.join(sizes)} images "
           f"({resize_of(cfg)} px stored, {cfg.img_size} px crops)")
-    if recorded and "select_fraction" in recorded and data.selection != {
-            k: recorded.get(k) for k in data.selection}:
-        warn(f"this selection split differs from the one {recorded['source']} was chosen with "
-             "(another select_fraction or other training files): its images may have been trained on")
+    if recorded:
+        check_selection(data, recorded, recorded["source"])
     return data
+
+
+def check_selection(data, recorded, source):
+    """Warn when a model was made with another selection split than the one choosing now."""
+    if "select_fraction" in recorded and data.selection != {k: recorded.get(k) for k in data.selection}:
+        warn(f"this selection split differs from the one {source} was made with (another "
+             "select_fraction or other training files): its images may have been trained on")
 
 
 def resize_of(cfg):
@@ -847,6 +878,13 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     return model, preprocess, metrics
 
 
+def as_given(cfg, preprocess):
+    """A model's recorded preprocessing, but with the sizes given on the command line."""
+    if {"img_size", "resize"} & cfg.given:
+        return {**preprocess, "img_size": cfg.img_size, "resize": resize_of(cfg)}
+    return preprocess
+
+
 def adopt_from(cfg, path, made_by):
     """The settings checkpoint `path` records (preprocessing, selection split) replace the
     script's defaults, not what was given (adopt_recorded). Returns the record, named."""
@@ -996,7 +1034,7 @@ class Score:
         n, p = self.n, self.acc
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return centre - half, centre + half
+        return max(0.0, centre - half), min(1.0, centre + half)
 
     def __str__(self):
         lo, hi = self.interval()
@@ -1260,11 +1298,10 @@ def model_record(stage, name, model, path, val, img_size, **extra):
 
 def recorded_score(record):
     """The validation Score a results record holds (None for a record without one)."""
-    if "val_correct" not in record:
+    try:
+        return Score(Score.from_text(record["val_correct"], record["val_n"]).correct, record.get("val_key"))
+    except (KeyError, ValueError, TypeError):  # an old or hand-edited record: no per-image outcome
         return None
-    score = Score.from_text(record["val_correct"], record["val_n"])
-    score.key = record.get("val_key")
-    return score
 
 
 def format_table(rows, columns=COLUMNS):
@@ -1298,6 +1335,8 @@ def write_predictions(path, split, preds):
     Returns (rows, rows of unreadable images)."""
     preds = preds.tolist()
     bad = set(split.unreadable)
+    for name in split.unreadable:
+        warn(f"{name}: not a readable image; its row in {Path(path).name.removesuffix('.new')} says class 0")
     rows = sorted((i, 0 if name in bad else c) for i, name, c in zip(submission_ids(split.names), split.names, preds))
 
     def write(f):

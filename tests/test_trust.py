@@ -1,6 +1,8 @@
 """Numbers a user can trust: a selection split chooses, validation reports, with intervals and
 paired tests; slimming is exact; the course's submission format."""
 import math
+import shutil
+import sys
 
 import cv2
 import numpy as np
@@ -96,6 +98,7 @@ def test_wilson_interval_matches_the_textbook_value():
     assert str(score) == "0.9000 [0.786, 0.957]"
     lo, hi = common.Score([True] * 10).interval()
     assert hi == pytest.approx(1.0) and 0.69 < lo < 0.73  # no [1, 1] for a perfect score
+    assert str(common.Score([False] * 10)) == "0.0000 [0.000, 0.278]"
 
 
 def test_exact_mcnemar_p():
@@ -195,6 +198,23 @@ def test_the_bias_fold_matters():
         assert (small(x) - reference(x)).abs().max() > 1e-3
 
 
+# --- preprocessing that travels -------------------------------------------------------------
+
+def test_a_crop_size_given_to_04_is_the_one_it_evaluates(pipeline, tmp_path, monkeypatch):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    seen = set()
+    evaluate = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda m, images, labels, batch, crop, norm: (
+        seen.add((images.shape[1], crop)), evaluate(m, images, labels, batch, crop, norm))[1])
+    argv = [a for a in args if not a.startswith(("--img_size", "--resize", "--ckpt_dir"))]
+    monkeypatch.setattr(sys, "argv", ["04_quantize.py", *argv, f"--ckpt_dir={work}", "--variants=fp16",
+                                      "--img_size=17"])
+    common.run(load_script("04_quantize.py").main)
+    assert seen == {(19, 17)}  # stored at round(17 * 8/7), cropped at 17, for every model and file
+
+
 # --- the course's submission format -----------------------------------------------------------
 
 def test_predictions_use_integer_ids_in_order_and_keep_unreadable_rows(tmp_path):
@@ -213,13 +233,26 @@ def test_an_unreadable_test_image_keeps_its_row_with_one_warning(tmp_path, capsy
     for _ in range(2):  # decoded, then read back from the cache
         test = common.load_data(root, 12, cache_dir=tmp_path / "cache").test
         assert test.names == ["0000.jpg", "0001.jpg", "0002.jpg"] and test.unreadable == ["0001.jpg"]
+    assert "0001.jpg" not in capsys.readouterr().err  # said once, where its row is written:
+    assert common.write_predictions(tmp_path / "p.csv", test, torch.tensor([4, 5, 6])) == (3, 1)
     assert capsys.readouterr().err.count("0001.jpg") == 1
+    assert (tmp_path / "p.csv").read_text() == "Id,Category\n0,4\n1,0\n2,6\n"
 
 
-def test_a_jpeg_with_trailing_bytes_decodes_and_a_truncated_one_does_not(tmp_path):
-    ok, jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    jpeg = jpeg.tobytes()
-    (tmp_path / "trailing.jpg").write_bytes(jpeg + b"\x00camera maker notes" * 20)
-    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
-    assert common.decode_image(tmp_path / "trailing.jpg", 16).shape == (16, 16, 3)
-    assert common.decode_image(tmp_path / "cut.jpg", 16) is None
+def jpeg(params):
+    img = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", img, params)[1].tobytes()
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "restart markers"])
+def test_a_jpeg_with_trailing_bytes_decodes_and_a_truncated_one_does_not(tmp_path, kind):
+    params = {"baseline": [], "progressive": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+              "restart markers": [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]}[kind]
+    whole = jpeg(params)
+    trailers = [b"\x00camera maker notes" * 20, b"\xff\xda\x11" * 50, b"\xff\xd9\xff\xda" + bytes(300)]
+    for i, trailer in enumerate(trailers):
+        (tmp_path / f"trailing{i}.jpg").write_bytes(whole + trailer)
+        assert common.decode_image(tmp_path / f"trailing{i}.jpg", 16).shape == (16, 16, 3)
+    for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 2, len(whole) - 1):
+        (tmp_path / "cut.jpg").write_bytes(whole[:cut])
+        assert common.decode_image(tmp_path / "cut.jpg", 16) is None, cut
