@@ -40,6 +40,7 @@ def main():
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     path, scratch_path = ckpt_dir / "student_kd.pt", ckpt_dir / "student_scratch.pt"
     common.require(ckpt_dir / common.TEACHER_FILE, "00_teacher.py")
+    common.teacher_note(ckpt_dir)  # a damaged note is said now
     if not cfg.from_scratch:
         common.require(scratch_path, "01_architecture.py")
     common.check_resume(cfg, path)

@@ -150,6 +150,7 @@ def plot_rounds(path, rows, kd):
     img = np.full((height, width, 3), 255, np.uint8)
     accs = [kd["acc"]] + [r[k] for r in rows for k in ("acc_before", "acc_after")]
     y_ticks = nice_ticks(min(accs), max(accs))
+    decimals = max(2, -math.floor(math.log10(y_ticks[1] - y_ticks[0])))
     for panel, (key, title) in enumerate((("params", "parameters"), ("bytes", "file bytes (.pt)"))):
         left, right, top, bottom = panel * width // 2 + 75, (panel + 1) * width // 2 - 30, 40, height - 85
         x_ticks = nice_ticks(0, max([kd[key]] + [r[key] for r in rows]) * 1.08)
@@ -159,7 +160,7 @@ def plot_rounds(path, rows, kd):
                     round(bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)))
         for y in y_ticks:
             cv2.line(img, at(0, y), at(x_ticks[-1], y), GRID, 1)
-            text(img, f"{y:.2f}", (left - 45, at(0, y)[1] + 5))
+            text(img, f"{y:.{decimals}f}", (left - 12 - 9 * decimals, at(0, y)[1] + 5))
         for x in x_ticks:
             cv2.line(img, at(x, y_ticks[0]), at(x, y_ticks[-1]), GRID, 1)
             label = f"{x / 1000:,.0f}k"
@@ -185,7 +186,9 @@ def plot_rounds(path, rows, kd):
 
 def nice_ticks(lo, hi, count=6):
     """About `count` ticks at round values (steps of 1, 2 or 5 times a power of ten) covering [lo, hi]."""
-    span = max(hi - lo, 1e-9)
+    if hi - lo < 1e-6:  # one value (every round equally good): a small range around it
+        lo, hi = lo - 0.01, hi + 0.01
+    span = hi - lo
     magnitude = 10 ** math.floor(math.log10(span / count))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= span / count)
     first, last = math.floor(lo / step) * step, math.ceil(hi / step) * step
@@ -225,12 +228,14 @@ def main():
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     kd_path = ckpt_dir / "student_kd.pt"
     recorded = common.adopt_from(cfg, kd_path, "02_distill.py")
+    sparse_path = ckpt_dir / "student_sparse.pt"
+    common.check_resume(cfg, sparse_path)  # it may say what sparsity the rounds' names carry
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
     variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     keeps = [cfg.prune_rate ** k for k in range(1, cfg.prune_count + 1)]
     round_paths = [ckpt_dir / f"student_pruned_{keep:.3f}{variant}.pt" for keep in keeps]
-    sparse_path = ckpt_dir / "student_sparse.pt"
-    common.check_resume(cfg, sparse_path, *round_paths)
+    common.check_resume(cfg, *round_paths)
+    common.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
     preprocess = {**common.as_given(cfg, preprocess), **data.selection}

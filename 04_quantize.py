@@ -266,19 +266,20 @@ def main():
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **common.score_fields(final["val"]),
                     "select_acc": round(final["select"], 4), "chosen_on": data.chosen_on})
-    outputs += write_submission(final["path"], data, cfg, ckpt_dir, device)
+    outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     written = common.publish(ckpt_dir, outputs, records)
     print_summary(ckpt_dir, data)
     print(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz"
           + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
 
 
-def write_submission(path, data, cfg, ckpt_dir, device):
-    """predictions.csv (as a .new file) from the final model; returns what to publish."""
+def write_submission(path, written_now, data, cfg, ckpt_dir, device):
+    """predictions.csv (as a .new file) from the final model, read from its .new file when this
+    run wrote it; returns what to publish."""
     if data.test is None:
         common.warn(f"{data.root} has no testing/ split; no predictions written")
         return []
-    source = common.new_path(path) if common.new_path(path).exists() else path
+    source = common.new_path(path) if written_now else path
     model, preprocess = load_quantized(source) if path.suffix == ".npz" else common.load_model(source)[:2]
     test = data.test
     if preprocess.get("resize", common.resize_of(cfg)) != common.resize_of(cfg):

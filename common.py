@@ -20,6 +20,7 @@ import math
 import pickle
 import re
 import time
+import zipfile
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ CHECKS = {
     "sparsity": (lambda v: v >= 0, "at least 0"),
     "rotate": (lambda v: 0 <= v <= 180, "in [0, 180] degrees"),
     "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v) is not None,
                "auto, cpu, cuda, cuda:N or mps"),
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
@@ -348,9 +349,12 @@ def load_split(root, split, size, labeled=True, cache_dir=None):
         tag = re.sub(r"[^A-Za-z0-9]+", "-", Path(root).resolve().name)
         cache = Path(cache_dir) / f"{tag}-{split}-{size}-{cache_key(files, size)}.npz"
         if cache.exists():
-            with np.load(cache, allow_pickle=False) as z:
-                return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                             [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]])
+            try:
+                with np.load(cache, allow_pickle=False) as z:
+                    return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                warn(f"{cache}: damaged cache; decoding {split} again")
     by_name = dict(zip((p.name for p in files), labels))
     kept, unreadable = [], []
     for path, img in decode_split(files, size):
@@ -393,6 +397,7 @@ class Data:
     root: str
     select: Split = None   # chooses every epoch, round and file; `val` when select_fraction=0
     selection: dict = None  # {"select_fraction", "select_key"}: recorded in each checkpoint
+    files_key: str = ""    # the training file names: what a resumable state was trained on
 
     @property
     def chosen_on(self):
@@ -413,8 +418,12 @@ def load_data(root, resize, cache_dir=None, splits=("training", "validation", "t
     test = None
     if "testing" in splits and (root / "testing").is_dir():
         test = load("testing", labeled=False)
-    data = Data(train, val, test, len(names), names, str(root))
+    data = Data(train, val, test, len(names), names, str(root), files_key=training_key(root))
     return hold_out_selection(data, select_fraction)
+
+
+def training_key(root):
+    return names_key([p.name for p in list_images(root, "training")])
 
 
 def selection_indices(names, labels, fraction):
@@ -470,7 +479,10 @@ def read_class_names(root):
     path = Path(root) / "classes.txt"
     if not path.exists():
         return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e.reason})") from None
     if not names:
         raise UserError(f"{path}: empty; it must name one class per line")
     return names
@@ -481,7 +493,11 @@ def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
     selection a checkpoint was chosen with; a different one is said."""
     if cfg.notice:
         print(cfg.notice)
-        make_sample(cfg.data_dir)
+        try:
+            make_sample(cfg.data_dir)
+        except OSError as e:
+            raise UserError(f"{cfg.data_dir}: cannot write the generated sample here ({e.strerror}); "
+                            "give --data_dir=PATH") from None
     data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits,
                      cfg.get("select_fraction", 0.0))
     sizes = [f"{n} {len(s.labels)}" for n, s in
@@ -722,9 +738,13 @@ def pick_device(name):
         if name == "cpu" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             name = "mps"
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={name}: no CUDA device here; use --device=auto or cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            have = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
+            raise UserError(f"--device={name}: {have} here; use --device=auto or cpu")
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device=mps: no Apple GPU here; use --device=auto or cpu")
     return torch.device(name)
 
 
@@ -748,7 +768,7 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        reason = getattr(e, "strerror", None) or "the write failed; is the disk full?"
         raise UserError(f"{path}: could not be written ({reason}); it is as it was before") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -773,16 +793,31 @@ def publish(ckpt_dir, outputs=(), records=(), finished=()):
     staged = new_path(ckpt_dir / RESULTS)
     text = json.dumps(rows, indent=1).encode()
     atomic_write(staged, lambda f: f.write(text))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    for path in [*outputs, ckpt_dir / RESULTS]:  # what would stop a swap halfway is found first
+        if Path(path).is_dir() or not new_path(path).is_file():
+            raise UserError(f"{path}: is a folder, or its new version is missing; nothing was replaced")
+    with signals_deferred():
         for path in outputs:
             os.replace(new_path(path), path)
         os.replace(staged, ckpt_dir / RESULTS)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     for path in finished:
         Path(path).unlink(missing_ok=True)
     return [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then interrupt as usual. (Python runs
+    signal handlers in the main thread, whichever thread the signal reached.)"""
+    caught = []
+    old = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def say_written(paths):
@@ -790,7 +825,7 @@ def say_written(paths):
 
 
 def ensure_writable(folder):
-    """Fail now, not after an hour of training, if checkpoints cannot be written."""
+    """Fail now, not after an hour of training, if checkpoints or their log cannot be written."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -800,6 +835,7 @@ def ensure_writable(folder):
     except OSError as e:
         raise UserError(f"{folder}: cannot write checkpoints here ({e.strerror}); "
                         "choose another --ckpt_dir") from None
+    read_results(folder)  # a damaged results log is said now, not after the run
     return folder
 
 
@@ -924,15 +960,30 @@ def load_teacher(ckpt_dir, num_classes, teacher_norm):
     else (the course's file, the shared one) from the teacher_norm setting."""
     path = Path(ckpt_dir) / TEACHER_FILE
     model = load_model(path, expect="resnet18", num_classes=num_classes, made_by="00_teacher.py")[0]
-    note_path = teacher_preprocess_path(path)
-    if note_path.exists():
-        note = json.loads(note_path.read_text(encoding="utf-8"))
-        if note.get("sha1") == file_sha1(path):
-            if note["norm"] != teacher_norm:
-                print(f"note: {path.name} was trained with norm={note['norm']}, as {note_path.name} "
-                      f"records; using that, not --teacher_norm={teacher_norm}")
-            return model, note["norm"]
+    note = teacher_note(ckpt_dir)
+    if note:
+        if note["norm"] != teacher_norm:
+            print(f"note: {path.name} was trained with norm={note['norm']}, as its .json note records; "
+                  f"using that, not --teacher_norm={teacher_norm}")
+        return model, note["norm"]
     return model, teacher_norm
+
+
+def teacher_note(ckpt_dir):
+    """The note 00_teacher.py wrote beside the teacher file, if it is there and still about that
+    file (its SHA-1); else None. Read before any work, so a damaged note stops nothing late."""
+    path = Path(ckpt_dir) / TEACHER_FILE
+    note_path = teacher_preprocess_path(path)
+    if not note_path.exists() or not path.exists():
+        return None
+    try:
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        norm, sha1 = note["norm"], note.get("sha1")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{note_path}: damaged; delete it and give --teacher_norm") from None
+    if norm not in ("imagenet", "none"):
+        raise UserError(f"{note_path}: norm {norm!r} is neither imagenet nor none; fix or delete it")
+    return note if sha1 == file_sha1(path) else None
 
 
 def file_bytes(path):
@@ -1138,8 +1189,13 @@ def check_resume(cfg, *ckpt_paths):
     for state_path in map(resume_path, ckpt_paths):
         if not state_path.exists():
             continue
-        differ = {name: old for name, old in read_state(state_path)["shape"].items()
-                  if name in cfg and cfg[name] != old}
+        shape = read_state(state_path)["shape"]
+        if shape.get("data") != training_key(cfg.data_dir):
+            raise UserError(f"{state_path.name} was made on other training files than {cfg.data_dir}'s; "
+                            "give the --data_dir it was made on, or run without --resume=True")
+        if not new_path(state_path.with_name(state_path.name.removesuffix(".resume.pt"))).exists():
+            raise UserError(f"{state_path}: the best model it goes with is missing; run without --resume=True")
+        differ = {name: old for name, old in shape.items() if name in cfg and cfg[name] != old}
         for name, old in differ.items():
             if name in cfg.given:
                 raise UserError(f"--{name}={cfg[name]}, but {state_path.name} was made with {name}={old}; "
@@ -1168,7 +1224,7 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
     shape = {**run_shape(cfg), "loss": getattr(loss_fn, "describe", "cross-entropy"),
              "sparsity_weight": sparsity, "widths": arch_of(model).get("widths"),
-             "data": names_key(data.train.names + data.select.names)}
+             "data": data.files_key}
     train_x, train_y = to_device_images(data.train, device)
     sel_x, sel_y = to_device_images(data.select, device)
     sel_name = "select" if data.select is not data.val else "val"

@@ -169,7 +169,7 @@ def test_a_state_of_another_data_set_is_refused_before_training(sample_root, tmp
     shutil.copytree(sample_root, other)
     (other / "training" / "0_0.jpg").unlink()
     refused = run_script("01_architecture.py", *args, f"--data_dir={other}", "--resume=True")
-    assert refused.returncode == 2 and "made with data=" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "was made on other training files" in refused.stderr, refused.stderr
     assert "scratch epoch" not in refused.stdout
 
 
@@ -183,15 +183,25 @@ CHECKED_FIRST = [
     ("04_quantize.py", ["--variants=q9"], "--variants='q9': give a comma-separated list"),
 ]
 if not torch.cuda.is_available():
-    CHECKED_FIRST.append(("01_architecture.py", ["--device=cuda"], "--device=cuda: no CUDA device here"))
+    CHECKED_FIRST += [("01_architecture.py", ["--device=cuda"], "--device=cuda: no CUDA device here"),
+                      ("01_architecture.py", ["--device=cuda:3"], "--device=cuda:3: no CUDA device here")]
+if not torch.backends.mps.is_available():
+    CHECKED_FIRST.append(("01_architecture.py", ["--device=mps"], "--device=mps: no Apple GPU here"))
+CHECKED_FIRST += [("01_architecture.py", ["--device=cuda:x"], "--device=cuda:x is out of range"),
+                  ("01_architecture.py", [], "results.json: damaged results log"),
+                  ("02_distill.py", [], "teacher_resnet18.json: damaged; delete it")]
 
 
 @pytest.mark.parametrize("script, extra, message", CHECKED_FIRST)
 def test_bad_settings_and_missing_inputs_stop_before_any_work(tmp_path, script, extra, message):
     ck = tmp_path / "ck"
     ck.mkdir()
-    if "from_scratch" in " ".join(extra):
+    if "from_scratch" in " ".join(extra) or "teacher_resnet18.json" in message:
         torch.save(common.make_teacher(11).state_dict(), ck / common.TEACHER_FILE)
+    if "teacher_resnet18.json" in message:
+        (ck / "teacher_resnet18.json").write_text("{")
+    if "results.json" in message:
+        (ck / common.RESULTS).write_text('{"not": "a list"}')
     proc = run_script(script, f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}", *extra)  # default data
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert proc.stdout == ""  # no notice, no data line: nothing before the error
@@ -251,3 +261,55 @@ def test_plot_ticks_are_round_numbers():
     prune = load_script("03_prune.py")
     assert prune.nice_ticks(0.43, 0.61) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
     assert prune.nice_ticks(0, 270_000) == [0, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000]
+
+
+def test_publish_replaces_nothing_when_an_output_cannot_be_replaced(tmp_path):
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(b"old " + name.encode())
+        common.new_path(tmp_path / name).write_bytes(b"new " + name.encode())
+    (tmp_path / "c.pt").mkdir()  # a folder where an output should go
+    common.new_path(tmp_path / "c.pt").write_bytes(b"new c")
+    with pytest.raises(common.UserError, match="is a folder"):
+        common.publish(tmp_path, [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"])
+    assert (tmp_path / "a.pt").read_bytes() == b"old a.pt" and (tmp_path / "b.pt").read_bytes() == b"old b.pt"
+    assert not (tmp_path / common.RESULTS).exists()
+
+
+def test_ctrl_c_waits_for_the_swap_even_when_another_thread_gets_it():
+    import threading
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with common.signals_deferred():
+            worker = threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGINT))
+            worker.start()
+            worker.join()
+            time.sleep(0.2)
+            done.append("the block finished")
+    assert done == ["the block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_damaged_image_cache_is_decoded_again(sample_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first = common.load_split(sample_root, "validation", 18, cache_dir=cache)
+    [path] = cache.glob("*validation*.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    again = common.load_split(sample_root, "validation", 18, cache_dir=cache)
+    assert torch.equal(first.images, again.images) and "damaged cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make_bad", [lambda p: p.write_bytes(b"\xff\xfe\x00bad"), lambda p: p.mkdir()])
+def test_an_unreadable_classes_txt_is_one_line(sample_root, tmp_path, make_bad):
+    root = tmp_path / "food"
+    shutil.copytree(sample_root, root)
+    make_bad(root / "classes.txt")
+    with pytest.raises(common.UserError, match="classes.txt: cannot be read"):
+        common.load_data(root, 18)
+
+
+def test_the_plot_survives_rounds_that_all_score_the_same(tmp_path):
+    prune = load_script("03_prune.py")
+    rows = [{"keep": k, "params": 1000 * k, "bytes": 4000 * k, "acc_before": 1.0, "acc_after": 1.0}
+            for k in (0.8, 0.64)]
+    prune.plot_rounds(tmp_path / "p.png", rows, {"params": 1000, "bytes": 4000, "acc": 1.0})
+    assert (tmp_path / "p.png").stat().st_size > 1000
