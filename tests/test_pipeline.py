@@ -87,7 +87,7 @@ def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pip
     assert "note: student_kd.pt was made with img_size=16; using --img_size=17 as given" in proc.stdout
     assert "note: student_kd.pt was made with select_fraction=0.1; using --select_fraction=0.2" in proc.stdout
     assert "(19 px stored, 17 px crops)" in proc.stdout
-    assert "selection split differs from the one student_kd.pt was chosen with" in proc.stderr
+    assert "selection split differs from the one student_kd.pt was made with" in proc.stderr
 
 
 def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path):
