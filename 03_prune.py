@@ -244,8 +244,8 @@ def main():
     score = common.Scorer(data, cfg, device)
 
     def scores(model):
-        """(validation Score, selection accuracy)."""
-        return score(model, preprocess), score(model, preprocess, "select").acc
+        """(validation Score, selection Score)."""
+        return score(model, preprocess), score(model, preprocess, "select")
 
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
         """Train `model` (a fresh optimizer on its own parameters) and return its best epoch."""
@@ -257,7 +257,7 @@ def main():
     if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
         teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         loss = common.distill_loss(common.prepare(teacher, device), teacher_norm, cfg.temperature, cfg.alpha)
-    print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select:.4f}; "
+    print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "
           f"fine-tuning with {'distillation' if loss else 'cross-entropy'}")
 
     # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------
@@ -283,16 +283,16 @@ def main():
         rows.append({"keep": round(keep, 3), "params": common.count_params(model),
                      "macs": common.count_macs(model.cpu(), cfg.img_size),
                      "bytes": common.file_bytes(common.new_path(path)),
-                     "acc_before": before.acc, "acc_after": after.acc, "select_after": select,
-                     "val before": before, "val after [95% CI]": after, "select after": round(select, 4),
+                     "acc_before": before.acc, "acc_after": after.acc, "select_after": select.acc,
+                     "val before": before, "val after [95% CI]": after, "selection after": select,
                      "path": path, "score": after, "model": model})
         records.append(common.model_record("3 pruning", path.stem, model, common.new_path(path), after,
                                            cfg.img_size, keep=rows[-1]["keep"], method=cfg.method,
-                                           acc_before=round(before.acc, 4), select_acc=round(select, 4),
+                                           acc_before=round(before.acc, 4), select_acc=round(select.acc, 4),
                                            chosen_on=data.chosen_on))
 
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
-    chosen = choose_smallest(rows, kd_select, cfg.max_acc_drop)
+    chosen = choose_smallest(rows, kd_select.acc, cfg.max_acc_drop)
     final = ckpt_dir / "student_pruned.pt"
     blob = common.new_path(chosen["path"]).read_bytes()
     common.atomic_write(common.new_path(final), lambda f: f.write(blob))
@@ -303,9 +303,9 @@ def main():
           f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
           f"epochs and the round chosen on {data.chosen_on}")
     print(common.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
-                                     "select after"]))
+                                     "selection after"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
-          f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select:.4f}, "
+          f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select.acc:.4f}, "
           f"allowed drop {cfg.max_acc_drop})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
     plot_rounds(common.new_path(plot), rows, {"params": kd_params, "bytes": common.file_bytes(kd_path),

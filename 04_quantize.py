@@ -180,6 +180,7 @@ def load_quantized(path):
     return model, {"norm": common.STUDENT_NORM, **meta.get("preprocess", {})}
 
 
+SELECT_COLUMN = "selection acc [95% CI]"
 VARIANTS = {"fp16": (16, False), "q8": (8, False), "q8c": (8, True), "q6c": (6, True),
             "q4c": (4, True), "q4": (4, False), "q6": (6, False), "q2c": (2, True)}
 
@@ -207,8 +208,8 @@ def main():
     score = common.Scorer(data, cfg, device)
 
     def scores(model, preprocess):
-        """(validation Score, selection accuracy), in fp32, at the model's own preprocessing."""
-        return score(model, preprocess), score(model, preprocess, "select").acc
+        """(validation Score, selection Score), in fp32, at the model's own preprocessing."""
+        return score(model, preprocess), score(model, preprocess, "select")
 
     def load(name):
         """(model, its preprocessing with any sizes given on the command line)."""
@@ -229,8 +230,8 @@ def main():
         model, preprocess = load(name)
         val, select = (kd_val, kd_select) if name == "student_kd" else scores(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
-                     common.VAL_COLUMN: val, "select acc": round(select, 4)})
-        candidates.append({"bytes": common.file_bytes(path), "select": select, "val": val, "path": path})
+                     common.VAL_COLUMN: val, SELECT_COLUMN: select})
+        candidates.append({"bytes": common.file_bytes(path), "select": select.acc, "val": val, "path": path})
         sd = common.cpu_state_dict(model)
         for variant in variants:
             arrays = encode(sd, *VARIANTS[variant])
@@ -241,27 +242,27 @@ def main():
             val, select = scores(decoded, preprocess)
             sizes = common.file_bytes(common.new_path(plain)), common.file_bytes(common.new_path(packed))
             rows.append({"model": name, "variant": variant, "bytes": sizes[0], "bytes_zip": sizes[1],
-                         common.VAL_COLUMN: val, "select acc": round(select, 4)})
-            candidates += [{"bytes": size, "select": select, "val": val, "path": p}
+                         common.VAL_COLUMN: val, SELECT_COLUMN: select})
+            candidates += [{"bytes": size, "select": select.acc, "val": val, "path": p}
                            for size, p in zip(sizes, (plain, packed))]
             crop = preprocess.get("img_size", cfg.img_size)
             records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded,
                                                common.new_path(plain), val, crop, bytes_zip=sizes[1],
-                                               select_acc=round(select, 4), chosen_on=data.chosen_on))
+                                               select_acc=round(select.acc, 4), chosen_on=data.chosen_on))
             outputs += [plain, packed]
     print(f"\nquantized models (accuracy after decoding, fp32; validation {kd_val.n} images, "
           f"selection {len(data.select.labels)})")
-    print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", common.VAL_COLUMN, "select acc"]))
+    print(common.format_table(rows, ["model", "variant", "bytes", "bytes_zip", common.VAL_COLUMN, SELECT_COLUMN]))
 
     # --- the final model: the smallest file within max_acc_drop of student_kd, on selection ----
-    fits = [c for c in candidates if c["select"] >= kd_select - cfg.max_acc_drop]
+    fits = [c for c in candidates if c["select"] >= kd_select.acc - cfg.max_acc_drop]
     if not fits:
-        common.warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_select:.4f} "
+        common.warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_select.acc:.4f} "
                     "on the selection split); taking the most accurate one there")
     final = (min(fits, key=lambda c: (c["bytes"], -c["select"])) if fits
              else max(candidates, key=lambda c: c["select"]))
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
-          f"val acc {final['val']} (selection {final['select']:.4f}; student_kd {kd_select:.4f} there, "
+          f"val acc {final['val']} (selection {final['select']:.4f}; student_kd {kd_select.acc:.4f} there, "
           f"allowed drop {cfg.max_acc_drop})")
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **common.score_fields(final["val"]),
