@@ -243,16 +243,12 @@ def main():
     device = common.pick_device(cfg.device)
     score = common.Scorer(data, cfg, device)
 
-    def scores(model):
-        """(validation Score, selection Score)."""
-        return score(model, preprocess), score(model, preprocess, "select")
-
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
         """Train `model` (a fresh optimizer on its own parameters) and return its best epoch."""
         common.fit(model, data, cfg.but(epochs=epochs), path, norm=norm, loss_fn=loss, sparsity=sparsity, desc=desc)
         return common.load_model(common.new_path(path))[0].cpu()
 
-    (kd_val, kd_select), kd_params = scores(kd), common.count_params(kd)
+    (kd_val, kd_select), kd_params = score.both(kd, preprocess), common.count_params(kd)
     loss = None
     if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
         teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
@@ -265,21 +261,21 @@ def main():
     if sparse:
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
         base = fine_tune(kd, sparse_path, cfg.sparsity_epochs, "sparsity", cfg.sparsity)
-        print(f"after the sparsity fine-tune: val acc {scores(base)[0]}")
+        print(f"after the sparsity fine-tune: val acc {score(base, preprocess)}")
         base, outputs = base.cpu(), [sparse_path]
 
     # --- the rounds, each from the same base ------------------------------------------------
     rows, records = [], []
     for k, (keep, path) in enumerate(zip(keeps, round_paths), 1):
         model = prune_model(base, keep, groups, cfg.method)
-        before = scores(model)[0]
+        before = score(model, preprocess)
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
               f"{common.count_params(model):,} params, val acc {before} before fine-tuning")
         if cfg.finetune_epochs:
             model = fine_tune(model, path, cfg.finetune_epochs, f"round {k}")
         else:
             common.save_checkpoint(common.new_path(path), model, preprocess)
-        after, select = scores(model)
+        after, select = score.both(model, preprocess)
         rows.append({"keep": round(keep, 3), "params": common.count_params(model),
                      "macs": common.count_macs(model.cpu(), cfg.img_size),
                      "bytes": common.file_bytes(common.new_path(path)),

@@ -207,10 +207,6 @@ def main():
     device = common.pick_device(cfg.device)
     score = common.Scorer(data, cfg, device)
 
-    def scores(model, preprocess):
-        """(validation Score, selection Score), in fp32, at the model's own preprocessing."""
-        return score(model, preprocess), score(model, preprocess, "select")
-
     def load(name):
         """(model, its preprocessing with any sizes given on the command line)."""
         made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
@@ -220,7 +216,7 @@ def main():
             common.check_selection(data, preprocess, f"{name}.pt")
         return model, common.as_given(cfg, preprocess)
 
-    kd_val, kd_select = scores(*load("student_kd"))  # the reference every file is held to
+    kd_val, kd_select = score.both(*load("student_kd"))  # the reference every file is held to
     rows, candidates, records, outputs = [], [], [], []  # candidates: {bytes, select, val, path}
     for name in names:
         path = ckpt_dir / f"{name}.pt"
@@ -228,7 +224,7 @@ def main():
             print(f"{path.name} not found; skipped")
             continue
         model, preprocess = load(name)
-        val, select = (kd_val, kd_select) if name == "student_kd" else scores(model, preprocess)
+        val, select = (kd_val, kd_select) if name == "student_kd" else score.both(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": common.file_bytes(path),
                      common.VAL_COLUMN: val, SELECT_COLUMN: select})
         candidates.append({"bytes": common.file_bytes(path), "select": select.acc, "val": val, "path": path})
@@ -239,7 +235,7 @@ def main():
             save_quantized(common.new_path(plain), arrays, common.arch_of(model), preprocess)
             save_quantized(common.new_path(packed), arrays, common.arch_of(model), preprocess, compressed=True)
             decoded, _ = load_quantized(common.new_path(plain))
-            val, select = scores(decoded, preprocess)
+            val, select = score.both(decoded, preprocess)
             sizes = common.file_bytes(common.new_path(plain)), common.file_bytes(common.new_path(packed))
             rows.append({"model": name, "variant": variant, "bytes": sizes[0], "bytes_zip": sizes[1],
                          common.VAL_COLUMN: val, SELECT_COLUMN: select})

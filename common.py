@@ -1095,8 +1095,8 @@ class Score:
         return np.packbits(self.correct).tobytes().hex()
 
     @classmethod
-    def from_text(cls, text, n):
-        return cls(np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8), count=n).astype(bool))
+    def from_text(cls, text, n, key=None):
+        return cls(np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8), count=n).astype(bool), key)
 
 
 def mcnemar_p(only_a, only_b):
@@ -1149,10 +1149,15 @@ class Scorer:
                 self.by_resize[resize] = load_data(self.cfg.data_dir, resize, self.cfg.get("cache_dir"),
                                                    ("training", "validation"),
                                                    self.data.selection["select_fraction"])
-            self.on_device[resize, split] = to_device_images(getattr(self.by_resize[resize], split), self.device)
-        x, y = self.on_device[resize, split]
+            images = getattr(self.by_resize[resize], split)
+            self.on_device[resize, split] = (*to_device_images(images, self.device), names_key(images.names))
+        x, y, key = self.on_device[resize, split]
         _, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
-        return Score(correct, names_key(getattr(self.data, split).names))
+        return Score(correct, key)
+
+    def both(self, model, preprocess):
+        """(validation Score, selection Score)."""
+        return self(model, preprocess), self(model, preprocess, "select")
 
 
 def resume_path(ckpt_path):
@@ -1355,7 +1360,7 @@ def model_record(stage, name, model, path, val, img_size, **extra):
 def recorded_score(record):
     """The validation Score a results record holds (None for a record without one)."""
     try:
-        return Score(Score.from_text(record["val_correct"], record["val_n"]).correct, record.get("val_key"))
+        return Score.from_text(record["val_correct"], record["val_n"], record.get("val_key"))
     except (KeyError, ValueError, TypeError):  # an old or hand-edited record: no per-image outcome
         return None
 
