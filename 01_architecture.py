@@ -103,7 +103,8 @@ def main():
     teacher = common.make_teacher(data.num_classes)
     preprocess = {"norm": common.STUDENT_NORM, "img_size": cfg.img_size, "resize": common.resize_of(cfg),
                   **data.selection}
-    as_saved = common.checkpoint(student, preprocess, {"select_acc": 0.0, "select_loss": 0.0, "epoch": 1})
+    # channels_last, as fit() trains and saves it: the tensors' strides are part of the file
+    as_saved = common.checkpoint(common.prepare(student, "cpu"), preprocess, common.epoch_metrics(views=cfg.epochs))
     compare({"student": (student, as_saved),
              "teacher (ResNet18)": (teacher, common.cpu_state_dict(teacher))}, cfg)
     block_table(student)

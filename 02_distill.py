@@ -1,8 +1,10 @@
 """Stage 2 - knowledge distillation: the student learns from the frozen ResNet18 teacher.
 
 Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y),
-the KL taken on the student's log_softmax. The teacher sees the same augmented batch as the
-student, in inference mode. Saves the student of the epoch that scores best on the selection split (held out of training) as checkpoints/student_kd.pt
+the KL taken on the student's log_softmax. The teacher's answer for each view of each training
+image is asked once, in inference mode, into a teacher bank (checkpoints/teacher_bank_*.npz) that
+03's fine-tunes read too; epoch e trains on view e mod teacher_views. Saves the student of the
+epoch that scores best on the selection split (held out of training) as checkpoints/student_kd.pt
 and ends with teacher / scratch student / distilled student accuracy side by side.
 
     python 02_distill.py
@@ -23,6 +25,8 @@ weight_decay = 0.05  # AdamW weight decay
 temperature = 20.0  # softmax temperature T of the distillation term
 alpha = 0.5  # weight of the distillation term (1 - alpha goes to cross-entropy)
 sparsity = 0.0  # L1 weight on BatchNorm gammas (network slimming); e.g. 1e-4
+teacher_bank = True  # ask the teacher once per view of each image into a bank; False: on every batch
+teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as the epochs
 from_scratch = True  # start the student from random weights, not from student_scratch.pt
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
 base = 16  # student base width (when from_scratch)
@@ -58,10 +62,13 @@ def main():
     else:
         student = common.load_model(scratch_path, "student", data.num_classes,
                                     made_by="01_architecture.py")[0]
-    loss = common.distill_loss(teacher, norm, cfg.temperature, cfg.alpha)
+    views = range(min(cfg.teacher_views or cfg.epochs, cfg.epochs))
+    asked = common.teacher_for(cfg, ckpt_dir, data, device, views, loaded=(teacher, norm))
+    loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
           f"sparsity={cfg.sparsity})")
     best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill")
+    print(f"the teacher saw {asked.images:,} training images in this run")
     student, preprocess, _ = common.load_model(common.new_path(path))
     kd_val = score(student, preprocess)
     record = common.model_record("2 distillation", "student_kd", student, common.new_path(path), kd_val,

@@ -7,8 +7,9 @@ those weights and returns a physically smaller StudentNet.
 
 Prunes prune_count times, each time independently from student_kd.pt, keeping
 prune_rate**k of the channels in round k, and fine-tunes each pruned model (a fresh optimizer
-on its own parameters; the distillation loss when the teacher is there). The smallest model
-within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
+on its own parameters; the distillation loss when the teacher is there, read from the teacher
+bank 02 built, so the teacher is not even loaded when the bank holds the views). The smallest
+model within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
 
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
@@ -40,6 +41,8 @@ max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of stud
 temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there)
 alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
+teacher_bank = True  # read the teacher's answers from the bank (built where missing); False: ask it on every batch
+teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
 select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record wins unless given
 seed = 0  # random seed (batch order, augmentation)
@@ -237,7 +240,9 @@ def main():
     common.check_resume(cfg, *round_paths)
     common.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
-    kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
+    kd, preprocess, kd_metrics = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
+    longest = max(cfg.finetune_epochs, cfg.sparsity_epochs if sparse else 0, 1)
+    cfg.teacher_views = cfg.teacher_views or kd_metrics.get("views") or longest
     preprocess = {**common.as_given(cfg, preprocess), **data.selection}
     norm = preprocess["norm"]
     device = common.pick_device(cfg.device)
@@ -249,10 +254,10 @@ def main():
         return common.load_model(common.new_path(path))[0].cpu()
 
     (kd_val, kd_select), kd_params = score.both(kd, preprocess), common.count_params(kd)
-    loss = None
+    loss = asked = None
     if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
-        teacher, teacher_norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
-        loss = common.distill_loss(common.prepare(teacher, device), teacher_norm, cfg.temperature, cfg.alpha)
+        asked = common.teacher_for(cfg, ckpt_dir, data, device, range(min(cfg.teacher_views, longest)))
+        loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "
           f"fine-tuning with {'distillation' if loss else 'cross-entropy'}")
 
@@ -306,6 +311,8 @@ def main():
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
     plot_rounds(common.new_path(plot), rows, {"params": kd_params, "bytes": common.file_bytes(kd_path),
                                               "acc": kd_val.acc})
+    if asked:
+        print(f"the teacher saw {asked.images:,} training images in this run")
     outputs += round_paths + [final, plot]
     common.say_written(common.publish(ckpt_dir, outputs, records,
                                       finished=map(common.resume_path, [sparse_path, *round_paths])))

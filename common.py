@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -109,6 +110,7 @@ CHECKS = {
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
     "method": (lambda v: v in ("uniform", "global"), "uniform or global"),
+    "teacher_views": (lambda v: v >= 0, "at least 0 (0 = as many as the epochs)"),
 }
 
 
@@ -239,10 +241,11 @@ class Split:
     labels: torch.Tensor   # N int64; -1 where unlabeled (testing)
     names: list            # file names, same order
     unreadable: list = field(default_factory=list)  # testing only: names kept as black images
+    key: str = ""          # the files (names, sizes, times) and the stored size it was decoded from
 
     def subset(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()])
+        return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()], key=self.key)
 
 
 def parse_label(path):
@@ -344,15 +347,15 @@ def load_split(root, split, size, labeled=True, cache_dir=None):
     (listed in Split.unreadable) so that the submission still has its row."""
     files = list_images(root, split)
     labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
-    cache = None
+    cache, key = None, cache_key(files, size)
     if cache_dir:
         tag = re.sub(r"[^A-Za-z0-9]+", "-", Path(root).resolve().name)
-        cache = Path(cache_dir) / f"{tag}-{split}-{size}-{cache_key(files, size)}.npz"
+        cache = Path(cache_dir) / f"{tag}-{split}-{size}-{key}.npz"
         if cache.exists():
             try:
                 with np.load(cache, allow_pickle=False) as z:
                     return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]])
+                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]], key)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 warn(f"{cache}: damaged cache; decoding {split} again")
     by_name = dict(zip((p.name for p in files), labels))
@@ -373,7 +376,7 @@ def load_split(root, split, size, labeled=True, cache_dir=None):
     if cache:
         write_cache(cache, images=images, labels=label_arr, names=np.array(names),
                     unreadable=np.array(unreadable, dtype=str))
-    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable)
+    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable, key)
 
 
 def write_cache(path, **arrays):
@@ -566,11 +569,46 @@ def to_device_images(split, device):
     return split.images.to(device), split.labels.to(device)
 
 
-def random_crop_flip(images, idx, crop, gen):
-    """Per-image random crop and horizontal flip of images[idx], by one gather."""
-    n, size = len(idx), images.shape[1]
-    off = torch.randint(0, size - crop + 1, (2, n), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+def seeded(*parts):
+    """A generator seeded from its parts alone (stable across runs and machines)."""
+    digest = hashlib.sha1("|".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: a random crop at the stored size, a horizontal flip, a rotation
+    and a colour jitter. View v of image i is drawn from (seed, v) alone, so it can be rebuilt
+    at any time without storing pixels (the teacher bank relies on that)."""
+    crop: int
+    rotate: float = 0.0
+    jitter: float = 0.0
+    seed: int = 0
+
+    def draws(self, view, n, size):
+        """The random choices of view `view` for each of n images stored at `size` px."""
+        gen = seeded(self.seed, "view", view)
+        return {"off": torch.randint(0, size - self.crop + 1, (2, n), generator=gen),
+                "flip": torch.rand(n, generator=gen) < 0.5,
+                "angle": (torch.rand(n, generator=gen) * 2 - 1) * math.radians(self.rotate),
+                "factors": 1 + (torch.rand(3, n, generator=gen) * 2 - 1) * self.jitter}
+
+    def apply(self, images, idx, draws):
+        """The views of images[idx] (floats in [0, 1], channels_last), the whole batch at once."""
+        x = to_float(crop_flip(images, idx, self.crop, draws["off"][:, idx], draws["flip"][idx]))
+        if self.rotate:
+            x = rotate_batch(x, draws["angle"][idx])
+        if self.jitter:
+            x = jitter_batch(x, draws["factors"][:, idx])
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment_of(cfg):
+    return Augment(cfg.img_size, cfg.get("rotate", 0.0), cfg.get("jitter", 0.0), cfg.seed)
+
+
+def crop_flip(images, idx, crop, off, flip):
+    """Per-image crop at offsets off (2 x n) and horizontal flip of images[idx], by one gather."""
     ar = torch.arange(crop)
     rows = off[0, :, None] + ar
     cols = off[1, :, None] + torch.where(flip[:, None], crop - 1 - ar, ar)
@@ -583,9 +621,9 @@ def to_float(batch_nhwc):
     return batch_nhwc.permute(0, 3, 1, 2).float().div_(255)
 
 
-def rotate_batch(x, degrees, gen):
+def rotate_batch(x, angle):
+    """Rotate each image by its angle (radians) about its centre."""
     n = x.shape[0]
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
@@ -594,14 +632,13 @@ def rotate_batch(x, degrees, gen):
     return F.grid_sample(x.contiguous(), grid, padding_mode="reflection", align_corners=False)
 
 
-def jitter_batch(x, amount, gen):
-    """Brightness, contrast and saturation, each scaled by a factor in [1-amount, 1+amount].
+def jitter_batch(x, factors):
+    """Brightness, contrast and saturation, scaled per image by factors (3 x n: b, c, s).
 
     Applied one after the other these are x*b, then (x-mean)*c+mean, then (x-grey)*s+grey;
     folded together they are one pass: A*x + B*grey(x) + C with per-image A, B, C.
     """
-    n = x.shape[0]
-    b, c, s = ((1 + (torch.rand(3, n, 1, 1, 1, generator=gen) * 2 - 1) * amount).to(x.device))
+    b, c, s = factors.view(3, -1, 1, 1, 1).to(x.device)
     mean = x.mean(dim=(1, 2, 3), keepdim=True) * b
     grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     return torch.addcmul(mean * (1 - c), x, s * b * c).add_(grey.mul_((1 - s) * b * c)).clamp_(0, 1)
@@ -615,19 +652,23 @@ def normalize(x, norm):
     return x
 
 
-def train_batches(images, labels, batch_size, crop, gen, rotate=0.0, jitter=0.0):
-    """Shuffled, augmented batches of floats in [0, 1]; the last partial batch is dropped."""
+class Batch(NamedTuple):
+    x: torch.Tensor    # augmented floats in [0, 1], N x 3 x H x W
+    y: torch.Tensor    # labels
+    idx: torch.Tensor  # the images' indices in the training split (CPU)
+    view: int          # which view of them x is
+
+
+def train_batches(images, labels, batch_size, aug, epoch, view):
+    """Epoch `epoch`'s shuffled batches of view `view`; the last partial batch is dropped.
+    The order is drawn from (seed, epoch), the view from (seed, view)."""
     n = len(labels)
-    order = torch.randperm(n, generator=gen)
+    draws = aug.draws(view, n, images.shape[1])
+    order = torch.randperm(n, generator=seeded(aug.seed, "order", epoch))
     batch_size = min(batch_size, n)
     for i in range(0, n - batch_size + 1, batch_size):
         idx = order[i:i + batch_size]
-        x = to_float(random_crop_flip(images, idx, crop, gen))
-        if rotate:
-            x = rotate_batch(x, rotate, gen)
-        if jitter:
-            x = jitter_batch(x, jitter, gen)
-        yield x.contiguous(memory_format=torch.channels_last), labels[idx.to(labels.device)]
+        yield Batch(aug.apply(images, idx, draws), labels[idx.to(labels.device)], idx, view)
 
 
 def eval_batches(images, labels, batch_size, crop):
@@ -960,13 +1001,17 @@ def load_teacher(ckpt_dir, num_classes, teacher_norm):
     else (the course's file, the shared one) from the teacher_norm setting."""
     path = Path(ckpt_dir) / TEACHER_FILE
     model = load_model(path, expect="resnet18", num_classes=num_classes, made_by="00_teacher.py")[0]
+    norm = teacher_norm_of(ckpt_dir, teacher_norm)
+    if norm != teacher_norm:
+        print(f"note: {path.name} was trained with norm={norm}, as its .json note records; "
+              f"using that, not --teacher_norm={teacher_norm}")
+    return model, norm
+
+
+def teacher_norm_of(ckpt_dir, teacher_norm):
+    """The teacher's input normalisation: its note's, else the teacher_norm setting."""
     note = teacher_note(ckpt_dir)
-    if note:
-        if note["norm"] != teacher_norm:
-            print(f"note: {path.name} was trained with norm={note['norm']}, as its .json note records; "
-                  f"using that, not --teacher_norm={teacher_norm}")
-        return model, note["norm"]
-    return model, teacher_norm
+    return note["norm"] if note else teacher_norm
 
 
 def teacher_note(ckpt_dir):
@@ -1001,14 +1046,11 @@ def kd_loss(student_logits, teacher_logits, labels, T, alpha):
     return alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, labels)
 
 
-def distill_loss(teacher, teacher_norm, T, alpha):
-    """A loss(logits, x, y) for fit(): the frozen teacher sees the same augmented batch x."""
-    teacher.eval().requires_grad_(False)
-
-    def loss(logits, x, y):
-        with torch.inference_mode(), autocast(x.device):
-            t = teacher(normalize(x, teacher_norm))
-        return kd_loss(logits, t.clone(), y, T, alpha)  # clone: a normal tensor autograd may keep
+def distill_loss(teacher, T, alpha):
+    """A loss(logits, batch) for fit(): kd_loss against teacher(batch), the teacher's logits for
+    the batch's view (an InlineTeacher or a TeacherBank)."""
+    def loss(logits, batch):
+        return kd_loss(logits, teacher(batch), batch.y, T, alpha)
     loss.describe = f"distillation T={T} alpha={alpha}"
     return loss
 
@@ -1020,6 +1062,143 @@ def bn_l1(model):
 
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ============================================================================================
+# The teacher: asked on every batch, or once per view into a bank of its logits
+# ============================================================================================
+
+class InlineTeacher:
+    """The frozen teacher asked about every batch as it comes (--teacher_bank=False)."""
+
+    def __init__(self, model, norm):
+        self.model, self.norm, self.images = model.eval().requires_grad_(False), norm, 0
+
+    def __call__(self, batch):
+        with torch.inference_mode(), autocast(batch.x.device):
+            t = self.model(normalize(batch.x, self.norm))
+        self.images += len(t)
+        return t.clone()  # a normal tensor autograd may keep
+
+
+BANK_VERSION = 1
+
+
+class TeacherBank:
+    """The teacher's logits (float16) for views 0, 1, ... of every training image, asked once.
+
+    One .npz file under ckpt_dir, named by a key of everything the logits depend on: the
+    teacher file's SHA-1 and its norm, the training images (file names, sizes and times, the
+    stored size), the crop size, the augmentation settings and the seed. Any change makes a
+    new bank; a stale one is never served. Views are built when first needed, each saved when
+    done (a view cut short by Ctrl-C keeps its finished rows), so a build resumes by itself; the
+    teacher is loaded only when some view is missing.
+    """
+    batch_size = None  # images per teacher forward; None: 1024 on a GPU (halved until it fits), 128 on a CPU
+
+    def __init__(self, ckpt_dir, train, num_classes, aug, teacher_sha1, norm):
+        self.key = json.dumps({"version": BANK_VERSION, "teacher_sha1": teacher_sha1, "norm": norm,
+                               "images": train.key, "names": names_key(train.names),
+                               "stored": int(train.images.shape[1]), "crop": aug.crop,
+                               "rotate": aug.rotate, "jitter": aug.jitter, "seed": aug.seed}, sort_keys=True)
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:16]
+        self.path = Path(ckpt_dir) / f"teacher_bank_{digest}.npz"
+        self.train, self.aug, self.norm, self.images = train, aug, norm, 0
+        self.n, self.num_classes = len(train.labels), num_classes
+        self.views, self.on_device = self.read(), {}
+
+    def read(self):
+        """{view: float16 rows (all n, or the first ones of a build cut short)} from the file."""
+        if not self.path.exists():
+            return {}
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                if str(z["key"]) != self.key:
+                    raise ValueError("another key")
+                views = {int(k.removeprefix("view_")): z[k] for k in z.files if k.startswith("view_")}
+            if all(v.dtype == np.float16 and v.ndim == 2 and v.shape[1] == self.num_classes
+                   and len(v) <= self.n for v in views.values()):
+                return views
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass
+        warn(f"{self.path}: damaged; building the teacher bank again")
+        return {}
+
+    def save(self):
+        arrays = {f"view_{v}": rows for v, rows in sorted(self.views.items())}
+        atomic_write(self.path, lambda f: np.savez(f, key=np.array(self.key), **arrays))
+
+    def missing(self, views):
+        return [v for v in views if len(self.views.get(v, ())) < self.n]
+
+    def build(self, views, get_teacher, device):
+        """Make sure the bank holds these views, asking the teacher (get_teacher() -> (model,
+        norm)) about the missing ones at the largest batch that fits."""
+        missing = self.missing(views)
+        if not missing:
+            print(f"teacher bank {self.path.name}: serves views 0-{max(views)}; the teacher is not loaded")
+            return self
+        print(f"teacher bank {self.path.name}: asking the teacher about views {', '.join(map(str, missing))} "
+              f"of {self.n} training images ({sum(v in self.views for v in missing)} resumed)")
+        model = prepare(get_teacher()[0], device).eval()
+        images, _ = to_device_images(self.train, device)
+        todo = sum(self.n - len(self.views.get(v, ())) for v in missing)
+        bar = tqdm(total=todo, desc="teacher bank", leave=False, disable=None, unit="img")
+        batch_size = self.batch_size or (1024 if device.type == "cuda" else 128)
+        for v in missing:
+            draws = self.aug.draws(v, self.n, images.shape[1])
+            rows = [torch.from_numpy(self.views.get(v, np.zeros((0, self.num_classes), np.float16)))]
+            done = len(rows[0])
+            try:
+                while done < self.n:
+                    try:
+                        rows.append(self.ask(model, images, torch.arange(done, min(self.n, done + batch_size)), draws))
+                    except torch.cuda.OutOfMemoryError:
+                        if batch_size == 1:
+                            raise
+                        batch_size //= 2
+                        torch.cuda.empty_cache()
+                        continue
+                    done += len(rows[-1])
+                    self.images += len(rows[-1])
+                    bar.update(len(rows[-1]))
+            except KeyboardInterrupt:
+                self.views[v] = torch.cat(rows).numpy()
+                self.save()
+                raise Interrupted(f"the teacher bank was being built; {self.path} keeps what was done "
+                                  "(rerun to go on from there); the previous outputs are as they were") from None
+            self.views[v] = torch.cat(rows).numpy()
+            self.save()
+        bar.close()
+        return self
+
+    def ask(self, model, images, idx, draws):
+        with torch.inference_mode(), autocast(images.device):
+            return model(normalize(self.aug.apply(images, idx, draws), self.norm)).half().cpu()
+
+    def __call__(self, batch):
+        if batch.view not in self.on_device:
+            rows = self.views.get(batch.view)
+            if rows is None or len(rows) < self.n:
+                raise RuntimeError(f"view {batch.view} is not in the teacher bank")  # fit asks only for built views
+            self.on_device[batch.view] = torch.from_numpy(rows).to(batch.y.device)
+        return self.on_device[batch.view][batch.idx.to(batch.y.device)]
+
+
+def teacher_for(cfg, ckpt_dir, data, device, views, loaded=None):
+    """What the distillation loss asks: the teacher bank holding `views` (built where missing),
+    or with --teacher_bank=False the teacher itself on every batch. `loaded`: the (teacher, norm)
+    the stage has loaded already, if it has."""
+    def get_teacher():
+        return loaded or load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
+    if not cfg.teacher_bank:
+        model, norm = get_teacher()
+        print(f"teacher: asked about every batch (--teacher_bank=False), norm={norm}")
+        return InlineTeacher(prepare(model, device), norm)
+    norm = teacher_norm_of(ckpt_dir, cfg.teacher_norm)
+    bank = TeacherBank(ckpt_dir, data.train, data.num_classes, augment_of(cfg),
+                       file_sha1(Path(ckpt_dir) / TEACHER_FILE), norm)
+    return bank.build(views, get_teacher, device)
 
 
 # ============================================================================================
@@ -1226,10 +1405,11 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     state_path, best_path = resume_path(ckpt_path), new_path(ckpt_path)
     preprocess = {"norm": norm, "img_size": cfg.img_size, "resize": resize_of(cfg), **data.selection}
     smoothing = cfg.get("label_smoothing", 0.0)
-    loss_fn = loss_fn or (lambda logits, x, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
+    loss_fn = loss_fn or (lambda logits, batch: F.cross_entropy(logits.float(), batch.y, label_smoothing=smoothing))
+    views = cfg.get("teacher_views") or cfg.epochs  # epoch e trains on view e mod views
     shape = {**run_shape(cfg), "loss": getattr(loss_fn, "describe", "cross-entropy"),
              "sparsity_weight": sparsity, "widths": arch_of(model).get("widths"),
-             "data": data.files_key}
+             "data": data.files_key, "views": views}
     train_x, train_y = to_device_images(data.train, device)
     sel_x, sel_y = to_device_images(data.select, device)
     sel_name = "select" if data.select is not data.val else "val"
@@ -1237,10 +1417,9 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                 pct_start=0.15)
-    gen = torch.Generator().manual_seed(cfg.seed)
     start, best = 0, {"select_acc": -1.0}
     if cfg.get("resume") and state_path.exists():
-        start, best = resume(state_path, best_path, shape, model, opt, sched, gen)
+        start, best = resume(state_path, best_path, shape, model, opt, sched)
         print(f"resuming {desc} from {state_path} after epoch {start}"
               + (" (it had finished)" if start == cfg.epochs else ""))
     elif cfg.get("resume"):
@@ -1248,7 +1427,7 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     for epoch in range(start, cfg.epochs):
         try:
             train_loss, train_acc, seconds, speed = train_epoch(
-                model, train_x, train_y, opt, sched, loss_fn, cfg, gen, norm, sparsity, epoch)
+                model, train_x, train_y, opt, sched, loss_fn, cfg, norm, sparsity, epoch, epoch % views)
         except KeyboardInterrupt:
             where = (f"{state_path} (after epoch {epoch}); rerun with --resume=True" if epoch
                      else "none yet, the first epoch had not finished")
@@ -1258,12 +1437,12 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
         sel_acc = float(correct.mean())
         mark = ""
         if sel_acc > best["select_acc"]:
-            best = {"select_acc": sel_acc, "select_loss": sel_loss, "epoch": epoch + 1}
+            best = epoch_metrics(sel_acc, sel_loss, epoch + 1, views)
             save_checkpoint(best_path, model, preprocess, best)
             mark = "  * best"
         atomic_torch_save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "gen": gen.get_state(),
-                           "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
+                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                           "epoch": epoch + 1, "best": best,
                            "shape": shape}, state_path)
         print(f"{desc} epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_loss:.3f} acc {train_acc:.3f}"
               f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
@@ -1271,7 +1450,12 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     return best
 
 
-def resume(state_path, best_path, shape, model, opt, sched, gen):
+def epoch_metrics(select_acc=0.0, select_loss=0.0, epoch=1, views=1):
+    """What fit() records of the best epoch in its checkpoint (01 sizes a file with it)."""
+    return {"select_acc": select_acc, "select_loss": select_loss, "epoch": epoch, "views": views}
+
+
+def resume(state_path, best_path, shape, model, opt, sched):
     """Load a resumable state into the run's objects, after checking it is this run's."""
     state = read_state(state_path)
     for name, value in shape.items():
@@ -1285,7 +1469,6 @@ def resume(state_path, best_path, shape, model, opt, sched, gen):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         return state["epoch"], dict(state["best"])
     except (KeyError, RuntimeError, ValueError, TypeError):
@@ -1293,19 +1476,19 @@ def resume(state_path, best_path, shape, model, opt, sched, gen):
                         "without --resume=True") from None
 
 
-def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, gen, norm, sparsity, epoch):
+def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, norm, sparsity, epoch, view):
     model.train()
     t0 = time.perf_counter()
     seen = correct = 0
     total = 0.0
-    batches = train_batches(images, labels, cfg.batch_size, cfg.img_size, gen,
-                            cfg.get("rotate", 0.0), cfg.get("jitter", 0.0))
+    batches = train_batches(images, labels, cfg.batch_size, augment_of(cfg), epoch, view)
     bar = tqdm(batches, total=len(labels) // min(cfg.batch_size, len(labels)), leave=False,
                desc=f"epoch {epoch + 1}", disable=None)
-    for step, (x, y) in enumerate(bar):
-        with autocast(x.device):
-            logits = model(normalize(x, norm))
-        loss = loss_fn(logits, x, y)
+    for step, batch in enumerate(bar):
+        with autocast(batch.x.device):
+            logits = model(normalize(batch.x, norm))
+        loss = loss_fn(logits, batch)
+        y = batch.y
         if sparsity:
             loss = loss + sparsity * bn_l1(model)
         if not torch.isfinite(loss):
@@ -1407,4 +1590,4 @@ def write_predictions(path, split, preds):
 
 
 def seed_everything(seed):
-    torch.manual_seed(seed)  # weights; batches and augmentation draw from fit()'s own generator
+    torch.manual_seed(seed)  # weights; batch order and views are drawn from (seed, epoch/view)

@@ -35,10 +35,11 @@ def test_alpha_zero_is_cross_entropy_and_one_is_scaled_kl():
 def test_teacher_gets_no_gradient_and_student_does():
     torch.manual_seed(2)
     teacher, student = common.make_teacher(3), common.StudentNet(num_classes=3)
-    loss_fn = common.distill_loss(teacher, "none", 4.0, 0.5)
+    loss_fn = common.distill_loss(common.InlineTeacher(teacher, "none"), 4.0, 0.5)
     x = torch.rand(4, 3, 32, 32)
     student.train()
-    loss = loss_fn(student(common.normalize(x, "imagenet")), x, torch.tensor([0, 1, 2, 0]))
+    batch = common.Batch(x, torch.tensor([0, 1, 2, 0]), torch.arange(4), 0)
+    loss = loss_fn(student(common.normalize(x, "imagenet")), batch)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher.training

@@ -1,0 +1,153 @@
+"""The teacher bank: replayable views, bank hits equal to the inline teacher, keys, resuming."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import run_script
+
+
+def tiny_images(n=12, size=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=gen), torch.arange(n) % 3
+
+
+def test_a_replayed_view_equals_the_view_trained_on_bitwise():
+    images, labels = tiny_images()
+    aug = common.Augment(16, rotate=15.0, jitter=0.2, seed=3)
+    draws = aug.draws(1, len(labels), images.shape[1])
+    seen = {}
+    for batch in common.train_batches(images, labels, 5, aug, epoch=4, view=1):
+        for j, i in enumerate(batch.idx.tolist()):
+            alone = aug.apply(images, torch.tensor([i]), draws)[0]  # rebuilt by itself, in another batch
+            assert torch.equal(alone, batch.x[j])
+            seen[i] = batch.x[j]
+    replay = aug.apply(images, torch.arange(len(labels)), aug.draws(1, len(labels), images.shape[1]))
+    assert all(torch.equal(replay[i], x) for i, x in seen.items())
+    # another epoch on the same view: another order, the same pictures
+    other = next(common.train_batches(images, labels, 5, aug, epoch=7, view=1))
+    assert all(torch.equal(replay[i], x) for i, x in zip(other.idx.tolist(), other.x))
+    # another view: other pictures
+    assert not torch.equal(aug.apply(images, torch.arange(4), aug.draws(2, len(labels), 20)), replay[:4])
+
+
+@pytest.fixture
+def bank_setup(sample_root, tmp_path):
+    """A tiny data set, a teacher file in a checkpoint folder, and the settings teacher_for reads."""
+    root = tmp_path / "food"
+    shutil.copytree(sample_root, root)
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    torch.manual_seed(0)
+    torch.save(common.make_teacher(11).state_dict(), ckpt / common.TEACHER_FILE)
+    cfg = common.Settings({"img_size": 16, "resize": 18, "rotate": 10.0, "jitter": 0.1, "seed": 0,
+                           "teacher_bank": True, "teacher_norm": "none", "data_dir": str(root)})
+    return root, ckpt, cfg
+
+
+def bank_for(root, ckpt, cfg, views=range(2)):
+    data = common.load_data(root, common.resize_of(cfg), splits=("training", "validation"))
+    return common.teacher_for(cfg, ckpt, data, torch.device("cpu"), views), data
+
+
+def test_a_bank_hit_gives_the_inline_teachers_loss(bank_setup):
+    root, ckpt, cfg = bank_setup
+    bank, data = bank_for(root, ckpt, cfg)
+    assert bank.images == 2 * len(data.train.labels) and bank.path.exists()
+    inline = common.teacher_for(cfg.but(teacher_bank=False), ckpt, data, torch.device("cpu"), range(2))
+    assert isinstance(inline, common.InlineTeacher)
+    aug = common.augment_of(cfg)
+    kd_bank, kd_inline = (common.distill_loss(t, 4.0, 0.5) for t in (bank, inline))
+    torch.manual_seed(1)
+    student = common.StudentNet(num_classes=11).eval()
+    for view in (0, 1):
+        for batch in common.train_batches(data.train.images, data.train.labels, 16, aug, 3, view):
+            logits = student(common.normalize(batch.x, "imagenet"))
+            t_bank, t_inline = bank(batch).float(), inline(batch)
+            assert torch.allclose(t_bank, t_inline, rtol=1e-3, atol=1e-3)  # float16 storage
+            assert torch.allclose(kd_bank(logits, batch), kd_inline(logits, batch), rtol=1e-3, atol=1e-4)
+
+
+def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup, monkeypatch):
+    root, ckpt, cfg = bank_setup
+    first, _ = bank_for(root, ckpt, cfg)
+    paths = {first.path}
+
+    def built(bank):
+        assert bank.images == 2 * bank.n and bank.path not in paths, "a changed input must not be served"
+        paths.add(bank.path)
+
+    # the same settings: served from the file, the teacher not even loaded
+    monkeypatch.setattr(common, "load_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+    again, _ = bank_for(root, ckpt, cfg)
+    assert again.path == first.path and again.images == 0
+    assert all(np.array_equal(again.views[v], first.views[v]) for v in (0, 1))
+    monkeypatch.undo()
+    for change in ({"img_size": 14}, {"resize": 20}, {"rotate": 5.0}, {"jitter": 0.0}, {"seed": 1},
+                   {"teacher_norm": "imagenet"}):
+        built(bank_for(root, ckpt, cfg.but(**change))[0])
+    torch.manual_seed(5)  # another teacher file
+    torch.save(common.make_teacher(11).state_dict(), ckpt / common.TEACHER_FILE)
+    built(bank_for(root, ckpt, cfg)[0])
+    picture = root / "training" / "3_1.jpg"  # one training image changed
+    picture.write_bytes((root / "training" / "4_1.jpg").read_bytes())
+    os.utime(picture, ns=(10**18, 10**18))
+    built(bank_for(root, ckpt, cfg)[0])
+    (root / "training" / "3_0.jpg").unlink()  # one training image fewer
+    fewer = bank_for(root, ckpt, cfg)[0]
+    assert fewer.n == first.n - 1
+    built(fewer)
+
+
+def test_an_interrupted_build_resumes_where_it_stopped(bank_setup, monkeypatch):
+    root, ckpt, cfg = bank_setup
+    monkeypatch.setattr(common.TeacherBank, "batch_size", 16)
+    asked = []
+    real_ask = common.TeacherBank.ask
+
+    def ask_then_stop(self, *args):
+        if len(asked) == 8:  # view 0 is 6 batches of 16 (88 images): stop in view 1, 2 batches in
+            raise KeyboardInterrupt
+        asked.append(1)
+        return real_ask(self, *args)
+    monkeypatch.setattr(common.TeacherBank, "ask", ask_then_stop)
+    with pytest.raises(common.Interrupted, match="keeps what was done"):
+        bank_for(root, ckpt, cfg)
+    monkeypatch.setattr(common.TeacherBank, "ask", real_ask)
+    data = common.load_data(root, 18, splits=("training", "validation"))
+    n = len(data.train.labels)
+    saved = np.load(next(ckpt.glob("teacher_bank_*.npz")))
+    assert len(saved["view_0"]) == n and len(saved["view_1"]) == 32
+    resumed, _ = bank_for(root, ckpt, cfg)
+    assert resumed.images == n - 32  # only the rest of view 1
+    fresh_dir = ckpt.parent / "fresh"
+    shutil.copytree(ckpt, fresh_dir, ignore=shutil.ignore_patterns("teacher_bank_*"))
+    fresh, _ = bank_for(root, fresh_dir, cfg)
+    for v in (0, 1):
+        assert np.allclose(resumed.views[v].astype(np.float32), fresh.views[v].astype(np.float32), atol=2e-3)
+
+
+def test_a_damaged_bank_is_built_again(bank_setup, capsys):
+    root, ckpt, cfg = bank_setup
+    first, data = bank_for(root, ckpt, cfg, views=range(1))
+    first.path.write_bytes(b"not a zip")
+    again, _ = bank_for(root, ckpt, cfg, views=range(1))
+    assert again.images == len(data.train.labels) and "damaged" in capsys.readouterr().err
+
+
+def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_instead(pipeline, tmp_path):
+    ckpt, runs, args = pipeline
+    assert "asking the teacher about views 0, 1" in runs["02_distill.py"].stdout
+    assert "the teacher is not loaded" in runs["03_prune.py"].stdout
+    assert "the teacher saw 0 training images" in runs["03_prune.py"].stdout
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    args = [a for a in args if not a.startswith("--ckpt_dir")] + [f"--ckpt_dir={copy}"]
+    run = run_script("03_prune.py", *args, "--prune_count=1", "--finetune_epochs=1", "--max_acc_drop=1",
+                     "--teacher_bank=False")
+    assert run.returncode == 0, run.stderr
+    assert "asked about every batch" in run.stdout
+    assert "the teacher saw 0 training images" not in run.stdout
