@@ -67,7 +67,8 @@ def main():
     loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
           f"sparsity={cfg.sparsity})")
-    best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill")
+    best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill",
+                      notes={"teacher_norm": norm, **{k: cfg[k] for k in common.DISTILLED_WITH[1:]}})
     print(f"the teacher saw {asked.images:,} training images in this run")
     student, preprocess, _ = common.load_model(common.new_path(path))
     kd_val = score(student, preprocess)

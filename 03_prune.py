@@ -138,11 +138,10 @@ def parse_groups(text):
 
 
 # ============================================================================================
-# The plot: accuracy against parameters and bytes, drawn with OpenCV (no plotting package)
+# The plot: accuracy against parameters and bytes
 # ============================================================================================
 
 PLOT_SIZE = (1100, 500)  # width, height
-GREY, BLUE, RED, INK, GRID = (150, 150, 150), (200, 90, 20), (30, 30, 220), (0, 0, 0), (225, 225, 225)
 
 
 def plot_rounds(path, rows, kd):
@@ -152,54 +151,39 @@ def plot_rounds(path, rows, kd):
     width, height = PLOT_SIZE
     img = np.full((height, width, 3), 255, np.uint8)
     accs = [kd["acc"]] + [r[k] for r in rows for k in ("acc_before", "acc_after")]
-    y_ticks = nice_ticks(min(accs), max(accs))
+    y_ticks = common.nice_ticks(min(accs), max(accs))
     decimals = max(2, -math.floor(math.log10(y_ticks[1] - y_ticks[0])))
     for panel, (key, title) in enumerate((("params", "parameters"), ("bytes", "file bytes (.pt)"))):
         left, right, top, bottom = panel * width // 2 + 75, (panel + 1) * width // 2 - 30, 40, height - 85
-        x_ticks = nice_ticks(0, max([kd[key]] + [r[key] for r in rows]) * 1.08)
+        x_ticks = common.nice_ticks(0, max([kd[key]] + [r[key] for r in rows]) * 1.08)
 
         def at(x, y):
             return (round(left + x / x_ticks[-1] * (right - left)),
                     round(bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)))
         for y in y_ticks:
-            cv2.line(img, at(0, y), at(x_ticks[-1], y), GRID, 1)
-            text(img, f"{y:.{decimals}f}", (left - 12 - 9 * decimals, at(0, y)[1] + 5))
+            cv2.line(img, at(0, y), at(x_ticks[-1], y), common.GRID, 1)
+            common.text(img, f"{y:.{decimals}f}", (left - 12 - 9 * decimals, at(0, y)[1] + 5))
         for x in x_ticks:
-            cv2.line(img, at(x, y_ticks[0]), at(x, y_ticks[-1]), GRID, 1)
+            cv2.line(img, at(x, y_ticks[0]), at(x, y_ticks[-1]), common.GRID, 1)
             label = f"{x / 1000:,.0f}k"
-            text(img, label, (at(x, 0)[0] - 4 * len(label), bottom + 20))
-        cv2.rectangle(img, (left, top), (right, bottom), INK, 1)
-        text(img, f"validation accuracy vs {title}", (left, top - 14), 0.55)
-        text(img, title, ((left + right) // 2 - 4 * len(title), bottom + 45))
+            common.text(img, label, (at(x, 0)[0] - 4 * len(label), bottom + 20))
+        cv2.rectangle(img, (left, top), (right, bottom), common.INK, 1)
+        common.text(img, f"validation accuracy vs {title}", (left, top - 14), 0.55)
+        common.text(img, title, ((left + right) // 2 - 4 * len(title), bottom + 45))
         for r in rows:
             before, after = at(r[key], r["acc_before"]), at(r[key], r["acc_after"])
-            cv2.line(img, before, after, GRID, 1)
-            cv2.circle(img, before, 4, GREY, 1, cv2.LINE_AA)
-            cv2.circle(img, after, 5, BLUE, -1, cv2.LINE_AA)
-            text(img, f"keep {r['keep']:.2f}", (after[0] + 7, after[1] - 7))
+            cv2.line(img, before, after, common.GRID, 1)
+            cv2.circle(img, before, 4, common.GREY, 1, cv2.LINE_AA)
+            cv2.circle(img, after, 5, common.BLUE, -1, cv2.LINE_AA)
+            common.text(img, f"keep {r['keep']:.2f}", (after[0] + 7, after[1] - 7))
         kd_at = at(kd[key], kd["acc"])
-        cv2.circle(img, kd_at, 6, RED, -1, cv2.LINE_AA)
-        text(img, "student_kd", (kd_at[0] - 45, kd_at[1] + 24))
+        cv2.circle(img, kd_at, 6, common.RED, -1, cv2.LINE_AA)
+        common.text(img, "student_kd", (kd_at[0] - 45, kd_at[1] + 24))
     ylabel = np.full((20, 200, 3), 255, np.uint8)
-    text(ylabel, "validation accuracy", (5, 15))
+    common.text(ylabel, "validation accuracy", (5, 15))
     img[130:330, 8:28] = np.rot90(ylabel)
-    text(img, "grey ring: just pruned    blue dot: after fine-tuning    red: student_kd", (75, height - 15))
+    common.text(img, "grey ring: just pruned    blue dot: after fine-tuning    red: student_kd", (75, height - 15))
     common.atomic_write(path, lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
-
-
-def nice_ticks(lo, hi, count=6):
-    """About `count` ticks at round values (steps of 1, 2 or 5 times a power of ten) covering [lo, hi]."""
-    if hi - lo < 1e-6:  # one value (every round equally good): a small range around it
-        lo, hi = lo - 0.01, hi + 0.01
-    span = hi - lo
-    magnitude = 10 ** math.floor(math.log10(span / count))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= span / count)
-    first, last = math.floor(lo / step) * step, math.ceil(hi / step) * step
-    return [round(first + i * step, 10) for i in range(round((last - first) / step) + 1)]
-
-
-def text(img, s, org, scale=0.45):
-    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, INK, 1, cv2.LINE_AA)
 
 
 # ============================================================================================
@@ -231,6 +215,8 @@ def main():
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     kd_path = ckpt_dir / "student_kd.pt"
     recorded = common.adopt_from(cfg, kd_path, "02_distill.py")
+    longest = max(cfg.finetune_epochs, cfg.sparsity_epochs if cfg.sparsity else 0)  # the most views a fine-tune uses
+    common.adopt_teacher_settings(cfg, recorded["metrics"], max(longest, 1))
     sparse_path = ckpt_dir / "student_sparse.pt"
     common.check_resume(cfg, sparse_path)  # it may say what sparsity the rounds' names carry
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
@@ -240,9 +226,7 @@ def main():
     common.check_resume(cfg, *round_paths)
     common.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
-    kd, preprocess, kd_metrics = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
-    longest = max(cfg.finetune_epochs, cfg.sparsity_epochs if sparse else 0, 1)
-    cfg.teacher_views = cfg.teacher_views or kd_metrics.get("views") or longest
+    kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
     preprocess = {**common.as_given(cfg, preprocess), **data.selection}
     norm = preprocess["norm"]
     device = common.pick_device(cfg.device)
@@ -255,7 +239,7 @@ def main():
 
     (kd_val, kd_select), kd_params = score.both(kd, preprocess), common.count_params(kd)
     loss = asked = None
-    if cfg.use_teacher and (ckpt_dir / common.TEACHER_FILE).exists():
+    if cfg.use_teacher and longest and (ckpt_dir / common.TEACHER_FILE).exists():
         asked = common.teacher_for(cfg, ckpt_dir, data, device, range(min(cfg.teacher_views, longest)))
         loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "

@@ -194,6 +194,12 @@ class Settings(dict):
     """A dict whose keys read as attributes (cfg.epochs) and that knows which were given."""
     __getattr__ = dict.__getitem__
 
+    def __setattr__(self, name, value):  # cfg.epochs = 3 sets the setting that cfg.epochs reads
+        if name in self:
+            self[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def __init__(self, values, given=(), notice=""):
         super().__init__(values)
         self.given, self.notice, self.derived = set(given), notice, set()
@@ -639,7 +645,9 @@ def jitter_batch(x, factors):
     folded together they are one pass: A*x + B*grey(x) + C with per-image A, B, C.
     """
     b, c, s = factors.view(3, -1, 1, 1, 1).to(x.device)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True) * b
+    # Summed in float64: a float32 sum's order (so its last bit) depends on how many images share
+    # the batch, and a view must come out the same in any batch (the teacher bank relies on it).
+    mean = (x.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / x[0].numel()).float() * b
     grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     return torch.addcmul(mean * (1 - c), x, s * b * c).add_(grey.mul_((1 - s) * b * c)).clamp_(0, 1)
 
@@ -968,7 +976,7 @@ def adopt_from(cfg, path, made_by):
     obj = torch_load(path, made_by)
     record = obj.get("preprocess", {}) if isinstance(obj, dict) and "arch" in obj else {}
     adopt_recorded(cfg, record, Path(path).name)
-    return {**record, "source": Path(path).name}
+    return {**record, "source": Path(path).name, "metrics": obj.get("metrics", {}) if isinstance(obj, dict) else {}}
 
 
 TEACHER_FILE = "teacher_resnet18.bin"
@@ -980,9 +988,12 @@ def teacher_preprocess_path(path):
 
 def file_sha1(path):
     h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     return h.hexdigest()
 
 
@@ -1163,6 +1174,7 @@ class TeacherBank:
                     self.images += len(rows[-1])
                     bar.update(len(rows[-1]))
             except KeyboardInterrupt:
+                bar.close()
                 self.views[v] = torch.cat(rows).numpy()
                 self.save()
                 raise Interrupted(f"the teacher bank was being built; {self.path} keeps what was done "
@@ -1183,6 +1195,20 @@ class TeacherBank:
                 raise RuntimeError(f"view {batch.view} is not in the teacher bank")  # fit asks only for built views
             self.on_device[batch.view] = torch.from_numpy(rows).to(batch.y.device)
         return self.on_device[batch.view][batch.idx.to(batch.y.device)]
+
+
+DISTILLED_WITH = ("teacher_norm", "rotate", "jitter", "seed")  # what 02 records for 03 and 04
+
+
+def adopt_teacher_settings(cfg, kd_metrics, views_otherwise):
+    """03 and 04 distil as 02 did, so they read the same teacher bank: the teacher's norm, the
+    augmentation and the seed (each unless given), and the number of views (unless given), as
+    student_kd.pt records them. Called before check_resume, which may still prefer a state's."""
+    for name in DISTILLED_WITH:
+        if name in cfg and name not in cfg.given and kd_metrics.get(name) not in (None, cfg[name]):
+            print(f"{name}={kd_metrics[name]}, as student_kd.pt records")
+            cfg[name] = kd_metrics[name]
+    cfg.teacher_views = cfg.teacher_views or kd_metrics.get("views") or views_otherwise
 
 
 def teacher_for(cfg, ckpt_dir, data, device, views, loaded=None):
@@ -1348,7 +1374,7 @@ def resume_path(ckpt_path):
 RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr", "weight_decay",
              "label_smoothing", "img_size", "resize", "rotate", "jitter", "seed", "select_fraction",
              "temperature", "alpha", "sparsity", "base", "width_mult", "from_scratch", "teacher_norm",
-             "use_teacher")
+             "use_teacher", "teacher_views")
 
 
 def run_shape(cfg):
@@ -1389,7 +1415,7 @@ def check_resume(cfg, *ckpt_paths):
             cfg[name] = old
 
 
-def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0.0, desc="train"):
+def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0.0, desc="train", notes=None):
     """Train with AdamW + one-cycle; keep the epoch that scores best on the selection split
     (never on validation, unless select_fraction=0) in `<ckpt_path>.new`, for the stage to
     publish() when it has finished.
@@ -1397,7 +1423,7 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     At the end of every epoch a resumable state (model, optimizer, schedule, epoch, best score,
     RNG, and what shaped the run) is written atomically to `<ckpt_path>.resume.pt`;
     `--resume=True` continues from it, and a finished state just returns. Returns the best
-    checkpoint's metrics.
+    checkpoint's metrics (with `notes`, which the checkpoint records too).
     """
     device = pick_device(cfg.device)
     model = prepare(model, device)
@@ -1437,7 +1463,7 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
         sel_acc = float(correct.mean())
         mark = ""
         if sel_acc > best["select_acc"]:
-            best = epoch_metrics(sel_acc, sel_loss, epoch + 1, views)
+            best = {**epoch_metrics(sel_acc, sel_loss, epoch + 1, views), **(notes or {})}
             save_checkpoint(best_path, model, preprocess, best)
             mark = "  * best"
         atomic_torch_save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(),
@@ -1503,6 +1529,28 @@ def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, norm, sparsity,
         correct += (logits.argmax(1) == y).sum().item()
     seconds = time.perf_counter() - t0
     return total / seen, correct / seen, seconds, seen / seconds
+
+
+# ============================================================================================
+# Plots: drawn with OpenCV (no plotting package)
+# ============================================================================================
+
+GREY, BLUE, RED, INK, GRID = (150, 150, 150), (200, 90, 20), (30, 30, 220), (0, 0, 0), (225, 225, 225)
+
+
+def nice_ticks(lo, hi, count=6):
+    """About `count` ticks at round values (steps of 1, 2 or 5 times a power of ten) covering [lo, hi]."""
+    if hi - lo < 1e-6:  # one value (every round equally good): a small range around it
+        lo, hi = lo - 0.01, hi + 0.01
+    span = hi - lo
+    magnitude = 10 ** math.floor(math.log10(span / count))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= span / count)
+    first, last = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    return [round(first + i * step, 10) for i in range(round((last - first) / step) + 1)]
+
+
+def text(img, s, org, scale=0.45):
+    cv2.putText(img, s, org, cv2.FONT_HERSHEY_SIMPLEX, scale, INK, 1, cv2.LINE_AA)
 
 
 # ============================================================================================

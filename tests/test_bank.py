@@ -151,3 +151,32 @@ def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_inste
     assert run.returncode == 0, run.stderr
     assert "asked about every batch" in run.stdout
     assert "the teacher saw 0 training images" not in run.stdout
+
+
+def test_later_stages_distil_with_the_teacher_settings_student_kd_records(capsys):
+    cfg = common.Settings({"teacher_norm": "none", "teacher_views": 0})
+    common.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10}, 3)
+    assert (cfg.teacher_norm, cfg.teacher_views) == ("imagenet", 10)
+    assert "as student_kd.pt records" in capsys.readouterr().out
+    given = common.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
+    common.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
+    assert (given.teacher_norm, given.teacher_views) == ("none", 4)
+    old = common.Settings({"teacher_norm": "none", "teacher_views": 0})  # a student_kd.pt that records neither
+    common.adopt_teacher_settings(old, {}, 3)
+    assert (old.teacher_norm, old.teacher_views) == ("none", 3)
+
+
+def test_a_view_is_the_same_in_a_batch_of_one_at_real_size():
+    """At real sizes a float32 sum over one image runs in parallel when it is the batch's only
+    image; the jitter's mean is summed in float64 so the view still comes out the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        images, labels = tiny_images(n=9, size=128)
+        aug = common.Augment(112, rotate=10.0, jitter=0.1, seed=0)
+        draws = aug.draws(0, 9, 128)
+        together = aug.apply(images, torch.arange(9), draws)
+        for i in range(9):
+            assert torch.equal(aug.apply(images, torch.tensor([i]), draws)[0], together[i]), i
+    finally:
+        torch.set_num_threads(threads)

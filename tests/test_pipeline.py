@@ -1,6 +1,7 @@
 """The stages as a user runs them: subprocesses on tiny generated data, one epoch each."""
 import csv
 import json
+import re
 import shutil
 
 import cv2
@@ -60,9 +61,16 @@ def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
     out = runs["04_quantize.py"].stdout
     assert "final model, chosen on selection:" in out and "every stage" in out
     assert "student_kd - student_scratch" in out and "McNemar p" in out
-    for name in ("student_kd.q8.npz", "student_kd.q8.z.npz", "student_pruned.q4c.npz"):
+    for name in ("student_kd.q8.npz", "student_kd.q8.z.npz", "student_pruned.q4c.npz",
+                 "student_pruned.mix3.npz", "student_pruned.qat.mix3.npz", "student_pruned.qat.mix3.z.npz"):
         with np.load(ck / name, allow_pickle=False):
             pass
+    assert "QAT: student_pruned through mix3's codes, 1 epochs (distillation" in out
+    assert "student_pruned.mix3 (post-training)" in out and "student_pruned.qat.mix3" in out
+    assert "the teacher is not loaded" in out  # QAT read the bank 02 built
+    front = [line for line in out.splitlines() if re.search(r"\s\*\s*(<-)?\s*$", line)]
+    assert front, "the frontier marks some files"
+    assert cv2.imread(str(ck / "frontier.png")).shape == (560, 900, 3)
     rows = list(csv.reader(open(ck / "predictions.csv")))
     assert rows[0] == ["Id", "Category"]
     ids = [int(r[0]) for r in rows[1:]]

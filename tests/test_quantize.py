@@ -26,10 +26,7 @@ def npz_round_trip(arrays):
         return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("bits, per_channel", [(8, False), (8, True), (6, True), (4, False), (2, True)])
-def test_every_element_is_within_half_a_step(bits, per_channel):
-    sd = student_state()
-    out = quant.decode(npz_round_trip(quant.encode(sd, bits, per_channel)))
+def assert_within_half_a_step(sd, out, bits_of, per_channel):
     assert list(out) == list(sd)
     for name, x in sd.items():
         y = out[name]
@@ -38,9 +35,45 @@ def test_every_element_is_within_half_a_step(bits, per_channel):
             assert torch.equal(x, y)
             continue
         rows = x.reshape(x.shape[0], -1) if per_channel and x.ndim >= 2 else x.reshape(1, -1)
-        span = (rows.max(1).values - rows.min(1).values)[:, None]
+        lo, hi = rows.min(1).values[:, None], rows.max(1).values[:, None]
+        slack = (lo.abs() + hi.abs()) * 2 ** -10 if per_channel else 1e-6  # float16 ranges per channel
         err = (y.reshape(rows.shape) - rows).abs()
-        assert (err <= span / (2 * (2 ** bits - 1)) + 1e-6).all(), name
+        assert (err <= (hi - lo) / (2 * (2 ** bits_of(name) - 1)) + slack + 1e-6).all(), name
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_element_is_within_half_a_step(bits, per_channel):
+    sd = student_state()
+    out = quant.decode(npz_round_trip(quant.encode(sd, bits, per_channel)))
+    assert_within_half_a_step(sd, out, lambda name: bits, per_channel)
+
+
+@pytest.mark.parametrize("variant", ["mix4", "mix3", "mix2"])
+def test_a_mixed_layout_records_and_keeps_each_tensors_bits(variant):
+    sd = student_state()
+    bits, per_channel, plan = quant.layout_of(variant, sd)
+    assert plan and set(plan) == {f"cnn.{i}.3.weight" for i in range(1, 8)}
+    arrays = npz_round_trip(quant.encode(sd, bits, per_channel, plan))
+    meta = quant.json_of(arrays["meta"])
+    assert {s["name"]: s["bits"] for s in meta["tensors"] if "bits" in s} == {n: plan.get(n, 8) for n, t in sd.items()
+                                                                              if t.is_floating_point()}
+    assert_within_half_a_step(sd, quant.decode(arrays), lambda name: plan.get(name, 8), True)
+    uniform = quant.encode(sd, 8, True)
+    assert arrays["q"].nbytes < uniform["q"].nbytes * (int(variant[3]) / 8 + 0.1)
+
+
+def test_the_course_layouts_are_unchanged():
+    """Per tensor (the course's 8 bit) the ranges stay float32 and the codes are those of the
+    formula in the docstring, computed by hand here."""
+    sd = student_state()
+    arrays = quant.encode8(sd)
+    assert arrays["lo"].dtype == np.float32 and arrays["q"].dtype == np.uint8
+    w = sd["cnn.0.0.weight"].double().reshape(-1).numpy()
+    lo, hi = np.float32(w.min()), np.float32(w.max())
+    expected = np.rint((w - lo) / (np.float64(hi) - lo) * 255).astype(np.uint8)
+    assert np.array_equal(arrays["q"][:w.size], expected)
+    assert quant.json_of(arrays["meta"])["bits"] == 8
 
 
 def test_8_bit_defaults_and_16_bit():
@@ -88,3 +121,64 @@ def test_a_damaged_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 nonsense")
     with pytest.raises(common.UserError, match="not a quantized model file"):
         quant.load_quantized(tmp_path / "bad.npz")
+
+
+def test_a_bad_variant_is_a_one_line_error():
+    with pytest.raises(common.UserError, match="qN, qNc or mixN"):
+        quant.parse_list("q4c,q9", "variants", quant.VARIANT_PATTERN)
+
+
+@pytest.mark.parametrize("variant", ["q8", "q4c", "q3", "q2c", "mix3"])
+def test_qat_as_evaluated_is_the_decoded_file(variant, tmp_path):
+    """The exactness test: a fake-quantized model in eval mode and the model decoded from its
+    .npz give the same logits."""
+    torch.manual_seed(3)
+    model = common.StudentNet(widths=[6, 8, 10, 12, 14, 16, 18, 20], num_classes=5)
+    for m in model.modules():  # BatchNorm statistics away from their 0/1 defaults
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fq = quant.FakeQuant(model, variant).eval()
+    path = tmp_path / "m.npz"
+    quant.save_quantized(path, quant.encode(model.state_dict(), *quant.layout_of(variant, model.state_dict())),
+                         common.arch_of(model), {"norm": "imagenet"})
+    decoded, _ = quant.load_quantized(path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = fq(x), decoded.eval()(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    assert not torch.allclose(a, model.eval()(x), atol=1e-3)  # and it is not the float model
+
+
+def test_a_short_qat_run_lowers_the_quantized_loss():
+    torch.manual_seed(0)
+    model = common.StudentNet(widths=[8, 8, 8, 8, 8, 8, 8, 8], num_classes=3)
+    x, y = torch.rand(24, 3, 16, 16), torch.arange(24) % 3
+
+    def file_loss(m):
+        """Cross-entropy of the model decoded from its 2-bit file (train-mode BatchNorm)."""
+        decoded = common.StudentNet(widths=m.widths, num_classes=3)
+        decoded.load_state_dict(quant.decode(npz_round_trip(quant.encode(m.state_dict(), 2, True))))
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(decoded.train()(x), y).item()
+    before = file_loss(model)
+    fq = quant.FakeQuant(model, "q2c").train()
+    opt = torch.optim.AdamW(fq.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(fq(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for p in fq.parameters())  # the straight-through estimator
+    latent = common.StudentNet(widths=model.widths, num_classes=3)
+    latent.load_state_dict(fq.state_dict())
+    assert file_loss(latent) < 0.7 * before
+
+
+def test_the_front_is_the_files_nothing_beats():
+    class S:
+        def __init__(self, acc):
+            self.acc = acc
+    rows = [{"bytes": b, "val": S(a)} for b, a in [(100, 0.5), (200, 0.6), (150, 0.4), (300, 0.6), (50, 0.3)]]
+    assert [r["front"] for r in quant.pareto(rows)] == ["*", "*", "", "", "*"]
+    assert quant.log_ticks(60_000, 1_100_000) == [50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000]

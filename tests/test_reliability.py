@@ -236,7 +236,7 @@ def test_the_byte_column_of_01_is_the_file_it_writes(sample_root, tmp_path):
 def test_04_says_where_its_files_and_records_went(pipeline):
     ck, runs, _ = pipeline
     out = runs["04_quantize.py"].stdout
-    assert f"files in {ck} (*.npz, *.z.npz, predictions.csv) and {ck / 'results.json'}" in out
+    assert f"files in {ck} (*.npz, *.z.npz, frontier.png, predictions.csv) and {ck / 'results.json'}" in out
 
 
 def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path):
@@ -258,9 +258,8 @@ def test_a_damaged_results_log_is_one_line(tmp_path, content):
 
 
 def test_plot_ticks_are_round_numbers():
-    prune = load_script("03_prune.py")
-    assert prune.nice_ticks(0.43, 0.61) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
-    assert prune.nice_ticks(0, 270_000) == [0, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000]
+    assert common.nice_ticks(0.43, 0.61) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
+    assert common.nice_ticks(0, 270_000) == [0, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000]
 
 
 def test_publish_replaces_nothing_when_an_output_cannot_be_replaced(tmp_path):

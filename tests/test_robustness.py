@@ -116,7 +116,7 @@ def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
     ("02_distill.py", "--temperature=0", "--temperature=0.0 is out of range"),
     ("02_distill.py", "--alpha=2", "--alpha=2.0 is out of range"),
     ("03_prune.py", "--method=best", "--method=best is out of range: it must be uniform or global"),
-    ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': give a comma-separated list from fp16"),
+    ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': give a comma-separated list of fp16, qN, qNc or mixN"),
     ("04_quantize.py", "--models=,", "--models=',': give a comma-separated list"),
 ])
 def test_bad_settings(workspace, tmp_path, script, arg, message):
