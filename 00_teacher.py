@@ -53,13 +53,14 @@ def main():
     work = ckpt_dir / "teacher_resnet18.pt"  # the best epoch so far, while training
     if not path.exists():
         common.check_resume(cfg, work)
+    common.course_scale(cfg, ckpt_dir)
     data = common.data_for(cfg, splits=("training", "validation"))
     score = common.Scorer(data, cfg, common.pick_device(cfg.device))
 
     if path.exists():
         teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         val = score(teacher, {"norm": norm})
-        print(f"{path} found: val acc {val} at {cfg.img_size} px (norm={norm}); not retraining")
+        print(f"{path} found: val acc {val} ({common.describe_preprocess({'norm': norm}, cfg)}); not retraining")
         outputs, chosen = [], {}
     else:
         common.seed_everything(cfg.seed)

@@ -14,13 +14,16 @@ import torch
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size fed to the models (pixels)
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (no resizing)
+norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 batch_size = 64  # images per training step
 epochs = 40  # training epochs from scratch
-lr = 3e-3  # peak learning rate (AdamW, one-cycle schedule)
+lr = 3e-3  # peak learning rate (AdamW)
+schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (the course's)
 weight_decay = 0.05  # AdamW weight decay
 label_smoothing = 0.0  # cross-entropy label smoothing
 base = 16  # student base width
@@ -101,7 +104,7 @@ def main():
     common.seed_everything(cfg.seed)
     student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     teacher = common.make_teacher(data.num_classes)
-    preprocess = {"norm": common.STUDENT_NORM, "img_size": cfg.img_size, "resize": common.resize_of(cfg),
+    preprocess = {"norm": cfg.norm, "img_size": cfg.img_size, "resize": common.resize_of(cfg),
                   **data.selection}
     # channels_last, as fit() trains and saves it: the tensors' strides are part of the file
     as_saved = common.checkpoint(common.prepare(student, "cpu"), preprocess, common.epoch_metrics(views=cfg.epochs))
@@ -110,13 +113,14 @@ def main():
     block_table(student)
 
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
-    best = common.fit(student, data, cfg, path, desc="scratch")
+    best = common.fit(student, data, cfg, path, norm=cfg.norm, desc="scratch")
     model, preprocess, _ = common.load_model(common.new_path(path))
     val = common.Scorer(data, cfg, common.pick_device(cfg.device))(model, preprocess)
     record = common.model_record("1 architecture", "student_scratch", model, common.new_path(path), val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
                                  chosen_on=data.chosen_on, seed=cfg.seed)
-    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on})")
+    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}; "
+          f"{common.describe_preprocess(preprocess, cfg)})")
     common.say_written(common.publish(ckpt_dir, [path], [record], finished=[common.resume_path(path)]))
 
 

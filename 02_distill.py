@@ -14,13 +14,16 @@ import common
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size fed to student and teacher (pixels)
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (no resizing)
+norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 batch_size = 64  # images per training step
 epochs = 40  # distillation epochs
-lr = 3e-3  # peak learning rate (AdamW, one-cycle schedule)
+lr = 3e-3  # peak learning rate (AdamW)
+schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (the course's)
 weight_decay = 0.05  # AdamW weight decay
 temperature = 20.0  # softmax temperature T of the distillation term
 alpha = 0.5  # weight of the distillation term (1 - alpha goes to cross-entropy)
@@ -47,6 +50,7 @@ def main():
     common.teacher_note(ckpt_dir)  # a damaged note is said now
     if not cfg.from_scratch:
         common.require(scratch_path, "01_architecture.py")
+    common.course_scale(cfg, ckpt_dir)
     common.check_resume(cfg, path)
     data = common.data_for(cfg, splits=("training", "validation"))
     device = common.pick_device(cfg.device)
@@ -54,7 +58,7 @@ def main():
     teacher = common.prepare(teacher, device)
     score = common.Scorer(data, cfg, device)
     teacher_val = score(teacher, {"norm": norm})
-    print(f"teacher: val acc {teacher_val} at {cfg.img_size} px (norm={norm})")
+    print(f"teacher: val acc {teacher_val} ({common.describe_preprocess({'norm': norm}, cfg)})")
 
     common.seed_everything(cfg.seed)
     if cfg.from_scratch:
@@ -67,7 +71,7 @@ def main():
     loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
           f"sparsity={cfg.sparsity})")
-    best = common.fit(student, data, cfg, path, loss_fn=loss, sparsity=cfg.sparsity, desc="distill",
+    best = common.fit(student, data, cfg, path, norm=cfg.norm, loss_fn=loss, sparsity=cfg.sparsity, desc="distill",
                       notes={"teacher_norm": norm, **{k: cfg[k] for k in common.DISTILLED_WITH[1:]}})
     print(f"the teacher saw {asked.images:,} training images in this run")
     student, preprocess, _ = common.load_model(common.new_path(path))
@@ -77,15 +81,17 @@ def main():
                                  chosen_on=data.chosen_on, seed=cfg.seed, temperature=cfg.temperature,
                                  alpha=cfg.alpha)
 
-    rows = [{"model": "teacher (ResNet18)", common.VAL_COLUMN: teacher_val}]
+    def table_row(name, val, seen):
+        return {"model": name, common.VAL_COLUMN: val, "sees": common.describe_preprocess(seen, cfg)}
+    rows = [table_row("teacher (ResNet18)", teacher_val, {"norm": norm})]
     scratch_val = None
     if scratch_path.exists():
         scratch, scratch_preprocess, _ = common.load_model(scratch_path, "student")
         scratch_val = score(scratch, scratch_preprocess)
-        rows.append({"model": "student from scratch", common.VAL_COLUMN: scratch_val})
-    rows.append({"model": "distilled student", common.VAL_COLUMN: kd_val})
+        rows.append(table_row("student from scratch", scratch_val, scratch_preprocess))
+    rows.append(table_row("distilled student", kd_val, preprocess))
     print(f"\nvalidation accuracy ({kd_val.n} images; epochs chosen on {data.chosen_on})")
-    print(common.format_table(rows, ["model", common.VAL_COLUMN]))
+    print(common.format_table(rows, list(rows[0])))
     if scratch_val is not None:
         print("\ndistilled vs scratch on the same images")
         row = common.paired_row("scratch", scratch_val, "distilled", kd_val)

@@ -23,8 +23,9 @@ import torch
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; student_kd.pt's record wins unless given
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record wins unless given
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 batch_size = 64  # images per training step
@@ -33,7 +34,8 @@ prune_count = 5  # pruning rounds, each from student_kd.pt
 prune_groups = "1,2,3,4,5,6,7"  # channel groups that may be pruned (the course pruned 4-7)
 method = "global"  # global: one |gamma| threshold over all groups, at the uniform model's parameter count; uniform: the same fraction per group
 finetune_epochs = 5  # fine-tuning epochs after each pruning
-lr = 1e-3  # peak fine-tuning learning rate (AdamW, one-cycle schedule)
+lr = 1e-3  # peak fine-tuning learning rate (AdamW)
+schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (the course's)
 weight_decay = 0.05  # AdamW weight decay
 sparsity = 0.0  # L1 weight on BN gammas in a fine-tune before pruning, e.g. 1e-4
 sparsity_epochs = 0  # epochs of that sparsity fine-tune (0 = none)

@@ -33,8 +33,9 @@ from torch.func import functional_call
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
+recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; student_kd.pt's record wins unless given
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record wins unless given
 batch_size = 64  # images per step
 models = "student_kd,student_pruned"  # checkpoints (in ckpt_dir) to quantize; missing ones are skipped
 variants = "fp16,q8,q8c,q6c,q4c,q3c,mix4,mix3"  # fp16; qN: N bits per tensor; qNc: per output channel; mixN: pointwise convs at N bits, the rest at 8
@@ -486,11 +487,12 @@ def write_submission(path, written_now, data, cfg, ckpt_dir, device):
         return []
     source = common.new_path(path) if written_now else path
     model, preprocess = load_quantized(source) if path.suffix == ".npz" else common.load_model(source)[:2]
-    test = data.test
-    if preprocess.get("resize", common.resize_of(cfg)) != common.resize_of(cfg):
-        test = common.load_split(cfg.data_dir, "testing", preprocess["resize"], False, cfg.get("cache_dir"))
-    preds = common.predict(common.prepare(model, device), test.images.to(device), cfg.batch_size,
-                           preprocess.get("img_size", cfg.img_size), preprocess["norm"])
+    test, crop = data.test, preprocess.get("img_size", cfg.img_size)
+    stored = common.storage(preprocess.get("resize", common.resize_of(cfg)), crop)
+    if stored != common.storage(common.resize_of(cfg), cfg.img_size):
+        test = common.load_split(cfg.data_dir, "testing", stored[0], False, cfg.get("cache_dir"), stored[1])
+    preds = common.predict(common.prepare(model, device), test.images.to(device), cfg.batch_size, crop,
+                           preprocess["norm"])
     out = ckpt_dir / "predictions.csv"
     count, unreadable = common.write_predictions(common.new_path(out), test, preds)
     print(f"predictions for {count} testing images -> {out}"

@@ -42,11 +42,19 @@ REPO = Path(__file__).resolve().parent
 FOOD11_CLASSES = ["Bread", "Dairy product", "Dessert", "Egg", "Fried food", "Meat",
                   "Noodles/Pasta", "Rice", "Seafood", "Soup", "Vegetable/Fruit"]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
+NATIVE = -1  # resize=-1: images keep their pixels (the scale the course's files were trained at)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STUDENT_NORM = "imagenet"  # how our students' inputs are normalised (recorded in their checkpoints)
 DEFAULT_DATA_DIR = "data/food-11"
 SAMPLE_DIR = "data/sample"
+# recipe="course": the homework's choices (the seed code's dataset.py, the TA's notebook), for
+# whichever of these settings a script has and the command line does not give.
+COURSE_RECIPE = {"img_size": 256, "resize": NATIVE, "rotate": 15.0, "jitter": 0.0, "norm": "none",
+                 "lr": 1e-3, "schedule": "constant", "weight_decay": 0.01, "label_smoothing": 0.0,
+                 "batch_size": 32, "temperature": 20.0, "alpha": 0.5, "prune_count": 5, "prune_rate": 0.95,
+                 "finetune_epochs": 5, "prune_groups": "4,5,6,7", "method": "uniform", "sparsity": 0.0,
+                 "sparsity_epochs": 0, "variants": "fp16,q8", "qat_variants": ""}
 # Sizes that let the whole pipeline run on the generated sample in a few CPU minutes.
 SAMPLE_SETTINGS = {"img_size": 32, "resize": 36, "batch_size": 32, "epochs": 6,
                    "finetune_epochs": 2, "ckpt_dir": "checkpoints/sample"}
@@ -93,7 +101,7 @@ CHECKS = {
     "finetune_epochs": (lambda v: v >= 0, "at least 0"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "img_size": (lambda v: v >= 16, "at least 16 (the student halves it four times)"),
-    "resize": (lambda v: v >= 0, "0 (= img_size * 8/7) or a size in pixels"),
+    "resize": (lambda v: v >= 0 or v == NATIVE, "0 (= img_size * 8/7), a size in pixels, or -1 (native scale)"),
     "lr": (lambda v: v > 0, "greater than 0"),
     "weight_decay": (lambda v: v >= 0, "at least 0"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -111,6 +119,9 @@ CHECKS = {
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
     "method": (lambda v: v in ("uniform", "global"), "uniform or global"),
     "teacher_views": (lambda v: v >= 0, "at least 0 (0 = as many as the epochs)"),
+    "recipe": (lambda v: v in ("ours", "course"), "ours or course"),
+    "schedule": (lambda v: v in ("onecycle", "constant"), "onecycle or constant"),
+    "norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
 }
 
 
@@ -163,6 +174,8 @@ def configure(namespace, argv=None):
         if name not in cfg:
             raise UserError(f"unknown setting --{name}; settings: {', '.join(cfg)}")
         given[name] = parse_value(name, text, cfg[name])
+    if given.get("recipe", cfg.get("recipe")) == "course":
+        cfg.update({k: v for k, v in COURSE_RECIPE.items() if k in cfg})
     cfg.update(given)
     for name, value in cfg.items():
         check = CHECKS.get(name)
@@ -220,7 +233,8 @@ def adopt_recorded(cfg, record, source, names=("img_size", "resize", "select_fra
         if name in cfg.given:
             if cfg[name] != record[name] and not (name == "resize" and resize_of(cfg) == record[name]):
                 print(f"note: {source} was made with {name}={record[name]}; using --{name}={cfg[name]} as given")
-        elif not (name == "resize" and "img_size" in cfg.given):  # a new crop size brings its own resize
+        elif not (name == "resize" and "img_size" in cfg.given and record[name] != NATIVE):
+            # a new crop size brings its own resize; native scale is no size, so it stays
             cfg[name] = record[name]
     return cfg
 
@@ -248,10 +262,16 @@ class Split:
     names: list            # file names, same order
     unreadable: list = field(default_factory=list)  # testing only: names kept as black images
     key: str = ""          # the files (names, sizes, times) and the stored size it was decoded from
+    native: torch.Tensor = None  # at native scale: N x 2, each original image's height and width
 
     def subset(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()], key=self.key)
+        return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()], key=self.key,
+                     native=None if self.native is None else self.native[idx])
+
+    def crop_ranges(self, crop):
+        """None, or at native scale (lo, hi): 2 x N first and last canvas offsets of a training crop."""
+        return None if self.native is None else native_crop_ranges(self.native, self.images.shape[1], crop)
 
 
 def parse_label(path):
@@ -308,6 +328,25 @@ def jpeg_is_truncated(data):
 
 def decode_image(path, size):
     """RGB uint8 S x S: shorter side resized to `size`, then the centre square. None if bad."""
+    img = read_image(path)
+    if img is None:
+        return None
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(img[top:top + size, left:left + size, ::-1])
+
+
+def decode_native(path, size, crop):
+    """(the native-scale RGB canvas of native_canvas, the image's (height, width)), or None if bad."""
+    img = read_image(path)
+    return None if img is None else (native_canvas(img[:, :, ::-1], size, crop), img.shape[:2])
+
+
+def read_image(path):
+    """An image file as 8-bit BGR (grey, RGBA, CMYK, 16-bit converted), or None if it cannot be read."""
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError:  # unreadable (permissions, a vanished file): skipped and said like a corrupt one
@@ -317,14 +356,53 @@ def decode_image(path, size):
     if raw[:2].tobytes() == b"\xff\xd8" and jpeg_is_truncated(raw.tobytes()):
         return None
     img = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # grey, RGBA, CMYK, 16-bit -> 8-bit BGR
-    if img is None or img.size == 0:
-        return None
-    h, w = img.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(img[top:top + size, left:left + size, ::-1])
+    return None if img is None or img.size == 0 else img
+
+
+# ---- native scale: the course's crops, held as a fixed canvas per image ----------------------
+
+def native_canvas(img, size, crop):
+    """The size x size square of an image at its own scale whose centre crop x crop is
+    torchvision's CenterCrop(crop) of it. Beyond the image's edges the canvas mirrors it
+    (torchvision's 'symmetric' padding), as the course's RandomCrop(pad_if_needed=True,
+    padding_mode='symmetric') padded its training crops; so a side shorter than the crop is
+    mirrored, where CenterCrop would pad it black."""
+    rows = mirror(np.arange(size) + canvas_origin(img.shape[0], size, crop), img.shape[0])
+    cols = mirror(np.arange(size) + canvas_origin(img.shape[1], size, crop), img.shape[1])
+    return np.ascontiguousarray(img[rows[:, None], cols[None, :]])
+
+
+def canvas_origin(length, size, crop):
+    """Where (in image pixels, along one axis) the canvas starts: its centre crop sits where
+    torchvision's CenterCrop puts the crop."""
+    centre = int(round((length - crop) / 2.0)) if length >= crop else -((crop - length) // 2)
+    return centre - (size - crop) // 2
+
+
+def mirror(i, n):
+    """Index i of a length-n axis extended by symmetric reflection (... 1 0 | 0 1 .. n-1 | n-1 ...)."""
+    m = np.mod(i, 2 * n)
+    return np.where(m < n, m, 2 * n - 1 - m)
+
+
+def native_crop_ranges(shapes, size, crop):
+    """(lo, hi), 2 x N: the canvas offsets a training crop of each image may start at. As the
+    course's RandomCrop: anywhere inside an image side at least `crop` long, anywhere in the
+    mirrored padding of a shorter one; within the canvas."""
+    lo, hi = [], []
+    for length in shapes.T.tolist():
+        pairs = [((0, n - crop) if n >= crop else (n - crop, 0), canvas_origin(n, size, crop)) for n in length]
+        lo.append([min(max(a - o, 0), size - crop) for (a, _), o in pairs])
+        hi.append([min(max(b - o, 0), size - crop) for (_, b), o in pairs])
+    return torch.tensor(lo), torch.tensor(hi)
+
+
+def storage(resize, img_size):
+    """(stored side, native crop): resize=-1 holds a native-scale canvas of 1.5 x img_size
+    per image (native_canvas); else the shorter side is resized to `resize` (0: img_size * 8/7)."""
+    if resize == NATIVE:
+        return round(img_size * 1.5), img_size
+    return resize or round(img_size * 8 / 7), 0
 
 
 def cache_key(files, size):
@@ -335,54 +413,64 @@ def cache_key(files, size):
     return h.hexdigest()[:16]
 
 
-def decode_split(files, size):
-    """[(path, image or None)], decoded in parallel."""
+def decode_split(files, size, native_crop=0):
+    """[(path, image or None)], decoded in parallel; at native scale each image is a
+    (canvas, (height, width)) pair."""
     pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))  # OpenCV releases the GIL while decoding
+    decode = (lambda p: decode_native(p, size, native_crop)) if native_crop else (lambda p: decode_image(p, size))
     try:
-        images = list(tqdm(pool.map(lambda p: decode_image(p, size), files), total=len(files),
+        images = list(tqdm(pool.map(decode, files), total=len(files),
                            desc=f"decoding {files[0].parent.name}", leave=False, disable=None))
     finally:  # on Ctrl-C, drop the queued files instead of decoding them all first
         pool.shutdown(wait=True, cancel_futures=True)
     return list(zip(files, images))
 
 
-def load_split(root, split, size, labeled=True, cache_dir=None):
-    """Decode a split once (or read it from the cache) into a Split of uint8 images.
+def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
+    """Decode a split once (or read it from the cache) into a Split of uint8 images: resized so
+    the shorter side is `size`, or with native_crop a native-scale canvas of side `size`.
 
     An unreadable labeled image is skipped; an unreadable test image is kept as a black one
     (listed in Split.unreadable) so that the submission still has its row."""
     files = list_images(root, split)
     labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
-    cache, key = None, cache_key(files, size)
+    stored = f"native{native_crop}" if native_crop else str(size)
+    cache, key = None, cache_key(files, stored)
     if cache_dir:
         tag = re.sub(r"[^A-Za-z0-9]+", "-", Path(root).resolve().name)
-        cache = Path(cache_dir) / f"{tag}-{split}-{size}-{key}.npz"
+        cache = Path(cache_dir) / f"{tag}-{split}-{stored}-{key}.npz"
         if cache.exists():
             try:
                 with np.load(cache, allow_pickle=False) as z:
                     return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]], key)
+                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]], key,
+                                 torch.from_numpy(z["native"]) if native_crop else None)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 warn(f"{cache}: damaged cache; decoding {split} again")
     by_name = dict(zip((p.name for p in files), labels))
-    kept, unreadable = [], []
-    for path, img in decode_split(files, size):
+    kept, unreadable, shapes = [], [], []
+    for path, img in decode_split(files, size, native_crop):
         if img is None and labeled:
             warn(f"skipping {path}: not a readable image (empty, truncated or corrupt)")
             continue
         if img is None:  # said when its prediction is written
             unreadable.append(path.name)
-            img = np.zeros((size, size, 3), np.uint8)
+            img = np.zeros((size, size, 3), np.uint8), (size, size)
+        if native_crop:
+            img, shape = img
+            shapes.append(shape)
         kept.append((path, img))
     if not kept:
         raise UserError(f"{Path(root) / split}: no readable image left in this split")
     images = np.stack([img for _, img in kept])
     label_arr = np.array([by_name[p.name] for p, _ in kept], dtype=np.int64)
     names = [p.name for p, _ in kept]
+    native = np.array(shapes, dtype=np.int32).reshape(-1, 2) if native_crop else None
     if cache:
         write_cache(cache, images=images, labels=label_arr, names=np.array(names),
-                    unreadable=np.array(unreadable, dtype=str))
-    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable, key)
+                    unreadable=np.array(unreadable, dtype=str), **({"native": native} if native_crop else {}))
+    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable, key,
+                 None if native is None else torch.from_numpy(native))
 
 
 def write_cache(path, **arrays):
@@ -414,14 +502,15 @@ class Data:
 
 
 def load_data(root, resize, cache_dir=None, splits=("training", "validation", "testing"),
-              select_fraction=0.0):
+              select_fraction=0.0, native_crop=0):
+    """The splits, each stored at `resize` (and at native scale with native_crop, see load_split)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found (it must hold training/ and validation/)")
     names = class_names(root)
 
     def load(split, labeled=True):
-        return load_split(root, split, resize, labeled, cache_dir)
+        return load_split(root, split, resize, labeled, cache_dir, native_crop)
     train = load("training") if "training" in splits else None
     val = load("validation")
     test = None
@@ -507,14 +596,16 @@ def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
         except OSError as e:
             raise UserError(f"{cfg.data_dir}: cannot write the generated sample here ({e.strerror}); "
                             "give --data_dir=PATH") from None
-    data = load_data(cfg.data_dir, resize_of(cfg), cfg.get("cache_dir"), splits,
-                     cfg.get("select_fraction", 0.0))
+    stored, native_crop = storage(resize_of(cfg), cfg.img_size)
+    data = load_data(cfg.data_dir, stored, cfg.get("cache_dir"), splits, cfg.get("select_fraction", 0.0),
+                     native_crop)
     sizes = [f"{n} {len(s.labels)}" for n, s in
              (("training", data.train), ("validation", data.val), ("testing", data.test)) if s is not None]
     if data.select is not data.val:
         sizes.insert(1, f"selection {len(data.select.labels)} (held out of training to choose models)")
+    how = (f"native scale, a {stored} px canvas each" if native_crop else f"{stored} px stored")
     print(f"data: {data.root}: {data.num_classes} classes; {', '.join(sizes)} images "
-          f"({resize_of(cfg)} px stored, {cfg.img_size} px crops)")
+          f"({how}, {cfg.img_size} px crops)")
     if recorded:
         check_selection(data, recorded, recorded["source"])
     return data
@@ -591,10 +682,16 @@ class Augment:
     jitter: float = 0.0
     seed: int = 0
 
-    def draws(self, view, n, size):
-        """The random choices of view `view` for each of n images stored at `size` px."""
+    def draws(self, view, n, size, ranges=None):
+        """The random choices of view `view` for each of n images stored at `size` px; crops
+        start anywhere, or (native scale) within each image's ranges (lo, hi)."""
         gen = seeded(self.seed, "view", view)
-        return {"off": torch.randint(0, size - self.crop + 1, (2, n), generator=gen),
+        if ranges is None:
+            off = torch.randint(0, size - self.crop + 1, (2, n), generator=gen)
+        else:
+            lo, hi = ranges
+            off = lo + (torch.rand(2, n, generator=gen) * (hi - lo + 1)).long()
+        return {"off": off,
                 "flip": torch.rand(n, generator=gen) < 0.5,
                 "angle": (torch.rand(n, generator=gen) * 2 - 1) * math.radians(self.rotate),
                 "factors": 1 + (torch.rand(3, n, generator=gen) * 2 - 1) * self.jitter}
@@ -667,11 +764,12 @@ class Batch(NamedTuple):
     view: int          # which view of them x is
 
 
-def train_batches(images, labels, batch_size, aug, epoch, view):
+def train_batches(images, labels, batch_size, aug, epoch, view, ranges=None):
     """Epoch `epoch`'s shuffled batches of view `view`; the last partial batch is dropped.
-    The order is drawn from (seed, epoch), the view from (seed, view)."""
+    The order is drawn from (seed, epoch), the view from (seed, view); `ranges`: a native-scale
+    split's crop ranges (Split.crop_ranges)."""
     n = len(labels)
-    draws = aug.draws(view, n, images.shape[1])
+    draws = aug.draws(view, n, images.shape[1], ranges)
     order = torch.randperm(n, generator=seeded(aug.seed, "order", epoch))
     batch_size = min(batch_size, n)
     for i in range(0, n - batch_size + 1, batch_size):
@@ -942,9 +1040,9 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
         sd, arch = obj["state_dict"], obj["arch"]
         preprocess, metrics = {"norm": STUDENT_NORM, **obj.get("preprocess", {})}, obj.get("metrics", {})
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict):  # no record: the course's convention (no normalisation) means its scale too
         sd, arch = obj, arch_from_state_dict(obj)
-        preprocess, metrics = {"norm": plain_norm}, {}
+        preprocess, metrics = {"norm": plain_norm, **({"resize": NATIVE} if plain_norm == "none" else {})}, {}
     else:
         sd = arch = None
     if arch is None:
@@ -1017,6 +1115,27 @@ def load_teacher(ckpt_dir, num_classes, teacher_norm):
         print(f"note: {path.name} was trained with norm={norm}, as its .json note records; "
               f"using that, not --teacher_norm={teacher_norm}")
     return model, norm
+
+
+def course_scale(cfg, ckpt_dir):
+    """The course's files were trained on native-scale crops in [0,1]. A teacher file without a
+    note, read with teacher_norm=none (their convention), is therefore used at native scale:
+    this run's resize becomes -1 unless --resize was given. Said in one line."""
+    if "resize" in cfg.given or cfg.resize == NATIVE or cfg.teacher_norm != "none" \
+            or not (Path(ckpt_dir) / TEACHER_FILE).exists() or teacher_note(ckpt_dir) is not None:
+        return
+    cfg.resize = NATIVE
+    print(f"note: {TEACHER_FILE} has no note and teacher_norm=none, the course's convention, so it is "
+          "used as the course trained it: native-scale crops (resize=-1); --resize=0 resizes instead")
+
+
+def describe_preprocess(preprocess, cfg):
+    """What a model sees, in words: crop, scale, normalisation."""
+    crop = preprocess.get("img_size") or cfg.img_size
+    resize = preprocess.get("resize") or resize_of(cfg)
+    scale = "native scale" if resize == NATIVE else f"shorter side resized to {resize}"
+    norm = "ImageNet mean/std" if preprocess["norm"] == "imagenet" else "[0,1], no normalisation"
+    return f"{crop} px centre crops, {scale}, {norm}"
 
 
 def teacher_norm_of(ckpt_dir, teacher_norm):
@@ -1157,7 +1276,7 @@ class TeacherBank:
         bar = tqdm(total=todo, desc="teacher bank", leave=False, disable=None, unit="img")
         batch_size = self.batch_size or (1024 if device.type == "cuda" else 128)
         for v in missing:
-            draws = self.aug.draws(v, self.n, images.shape[1])
+            draws = self.aug.draws(v, self.n, images.shape[1], self.train.crop_ranges(self.aug.crop))
             rows = [torch.from_numpy(self.views.get(v, np.zeros((0, self.num_classes), np.float16)))]
             done = len(rows[0])
             try:
@@ -1343,20 +1462,20 @@ class Scorer:
 
     def __init__(self, data, cfg, device):
         self.cfg, self.device, self.data = cfg, device, data
-        self.by_resize = {resize_of(cfg): data}
+        self.by_storage = {storage(resize_of(cfg), cfg.img_size): data}
         self.on_device = {}
 
     def __call__(self, model, preprocess, split="val"):
-        resize = preprocess.get("resize") or resize_of(self.cfg)
         crop = preprocess.get("img_size") or self.cfg.img_size
-        if (resize, split) not in self.on_device:
-            if resize not in self.by_resize:
-                self.by_resize[resize] = load_data(self.cfg.data_dir, resize, self.cfg.get("cache_dir"),
-                                                   ("training", "validation"),
-                                                   self.data.selection["select_fraction"])
-            images = getattr(self.by_resize[resize], split)
-            self.on_device[resize, split] = (*to_device_images(images, self.device), names_key(images.names))
-        x, y, key = self.on_device[resize, split]
+        stored = storage(preprocess.get("resize") or resize_of(self.cfg), crop)
+        if (stored, split) not in self.on_device:
+            if stored not in self.by_storage:
+                self.by_storage[stored] = load_data(self.cfg.data_dir, stored[0], self.cfg.get("cache_dir"),
+                                                    ("training", "validation"),
+                                                    self.data.selection["select_fraction"], stored[1])
+            images = getattr(self.by_storage[stored], split)
+            self.on_device[stored, split] = (*to_device_images(images, self.device), names_key(images.names))
+        x, y, key = self.on_device[stored, split]
         _, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
         return Score(correct, key)
 
@@ -1374,7 +1493,7 @@ def resume_path(ckpt_path):
 RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr", "weight_decay",
              "label_smoothing", "img_size", "resize", "rotate", "jitter", "seed", "select_fraction",
              "temperature", "alpha", "sparsity", "base", "width_mult", "from_scratch", "teacher_norm",
-             "use_teacher", "teacher_views")
+             "use_teacher", "teacher_views", "norm", "schedule")
 
 
 def run_shape(cfg):
@@ -1440,9 +1559,13 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
     sel_x, sel_y = to_device_images(data.select, device)
     sel_name = "select" if data.select is not data.val else "val"
     steps = len(train_y) // min(cfg.batch_size, len(train_y))
+    aug, ranges = augment_of(cfg), data.train.crop_ranges(cfg.img_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
-                                                pct_start=0.15)
+    if cfg.get("schedule", "onecycle") == "constant":  # the course's
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
+                                                    pct_start=0.15)
     start, best = 0, {"select_acc": -1.0}
     if cfg.get("resume") and state_path.exists():
         start, best = resume(state_path, best_path, shape, model, opt, sched)
@@ -1452,8 +1575,9 @@ def fit(model, data, cfg, ckpt_path, norm=STUDENT_NORM, loss_fn=None, sparsity=0
         print(f"nothing to resume at {state_path}; starting from epoch 1")
     for epoch in range(start, cfg.epochs):
         try:
+            batches = train_batches(train_x, train_y, cfg.batch_size, aug, epoch, epoch % views, ranges)
             train_loss, train_acc, seconds, speed = train_epoch(
-                model, train_x, train_y, opt, sched, loss_fn, cfg, norm, sparsity, epoch, epoch % views)
+                model, batches, steps, opt, sched, loss_fn, cfg, norm, sparsity, epoch)
         except KeyboardInterrupt:
             where = (f"{state_path} (after epoch {epoch}); rerun with --resume=True" if epoch
                      else "none yet, the first epoch had not finished")
@@ -1502,14 +1626,12 @@ def resume(state_path, best_path, shape, model, opt, sched):
                         "without --resume=True") from None
 
 
-def train_epoch(model, images, labels, opt, sched, loss_fn, cfg, norm, sparsity, epoch, view):
+def train_epoch(model, batches, steps, opt, sched, loss_fn, cfg, norm, sparsity, epoch):
     model.train()
     t0 = time.perf_counter()
     seen = correct = 0
     total = 0.0
-    batches = train_batches(images, labels, cfg.batch_size, augment_of(cfg), epoch, view)
-    bar = tqdm(batches, total=len(labels) // min(cfg.batch_size, len(labels)), leave=False,
-               desc=f"epoch {epoch + 1}", disable=None)
+    bar = tqdm(batches, total=steps, leave=False, desc=f"epoch {epoch + 1}", disable=None)
     for step, batch in enumerate(bar):
         with autocast(batch.x.device):
             logits = model(normalize(batch.x, norm))
