@@ -15,7 +15,7 @@ import torchvision
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 img_size = 224  # crop size fed to the teacher (pixels)
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (the course teacher file gets it by default)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 batch_size = 64  # images per training step

@@ -82,7 +82,7 @@ def main():
                                  alpha=cfg.alpha)
 
     def table_row(name, val, seen):
-        return {"model": name, common.VAL_COLUMN: val, "sees": common.describe_preprocess(seen, cfg)}
+        return {"model": name, "sees": common.describe_preprocess(seen, cfg), common.VAL_COLUMN: val}
     rows = [table_row("teacher (ResNet18)", teacher_val, {"norm": norm})]
     scratch_val = None
     if scratch_path.exists():

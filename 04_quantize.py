@@ -83,7 +83,7 @@ def encode(state_dict, bits, per_channel=False, plan=None):
     a mixed layout, each tensor at its own width (the others at `bits`), each recorded."""
     if not (bits == 16 or 1 <= bits <= 8) or (plan and (bits == 16 or not all(1 <= b <= 8 for b in plan.values()))):
         raise ValueError(f"bits must be 16 or 1..8, got {bits}" + (f" and {sorted(set(plan.values()))}" if plan else ""))
-    range_dtype = torch.float16 if per_channel else torch.float32
+    range_dtype = ranges_dtype(state_dict.values(), per_channel)
     specs, ints, floats, codes, los, his = [], [], [], [], [], []
     for name, t in state_dict.items():
         x = t.detach().cpu()
@@ -111,10 +111,17 @@ def encode(state_dict, bits, per_channel=False, plan=None):
         arrays["f16"] = concat(floats, np.float16)
     else:
         arrays["q"] = concat(codes, np.uint8) if plan else pack_bits(concat(codes, np.uint8), bits)
-        dtype = np.float16 if per_channel else np.float32
+        dtype = np.float16 if range_dtype == torch.float16 else np.float32
         arrays["lo"], arrays["hi"] = concat(los, dtype), concat(his, dtype)
     arrays["meta"] = json_array(meta)
     return arrays
+
+
+def ranges_dtype(tensors, per_channel):
+    """How a file stores its ranges: float16 per channel (float32 pairs would cost a fifth of a
+    4-bit file), unless a value lies beyond float16's range; float32 per tensor, as the course's."""
+    big = any(t.is_floating_point() and t.numel() and t.detach().abs().max() > 65504 for t in tensors)
+    return torch.float16 if per_channel and not big else torch.float32
 
 
 def json_array(obj):
@@ -225,7 +232,7 @@ def load_quantized(path):
         model.load_state_dict(decode(arrays))
     except FileNotFoundError:
         raise common.UserError(f"{path}: not found; run 04_quantize.py first") from None
-    except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as e:
         raise common.UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
     return model, {"norm": common.STUDENT_NORM, **meta.get("preprocess", {})}
 
@@ -269,16 +276,19 @@ class FakeQuant(common.StudentNet):
         self.load_state_dict(model.state_dict())
         self.bits, self.per_channel, self.plan = layout_of(variant, self.state_dict())
 
-    def quantized(self, name, t):
+    def quantized(self, name, t, range_dtype):
         bits = (self.plan or {}).get(name, self.bits)
         per_channel = self.per_channel and t.ndim >= 2
-        q, lo, hi = minmax_quantize(t, bits, per_channel, torch.float16 if self.per_channel else torch.float32)
-        return dequantize(q, lo, hi, bits, t.shape, t.dtype)
+        on = t.device if t.device.type != "mps" else torch.device("cpu")  # float64 arithmetic: not on MPS
+        q, lo, hi = minmax_quantize(t.to(on), bits, per_channel, range_dtype)
+        return dequantize(q, lo, hi, bits, t.shape, t.dtype).to(t.device)
 
     def forward(self, x):
-        state = {n: p + (self.quantized(n, p) - p).detach() for n, p in self.named_parameters()}
+        range_dtype = ranges_dtype(self.state_dict().values(), self.per_channel)
+        state = {n: p + (self.quantized(n, p, range_dtype) - p).detach() for n, p in self.named_parameters()}
         if not self.training:
-            state.update({n: self.quantized(n, b) for n, b in self.named_buffers() if b.is_floating_point()})
+            state.update({n: self.quantized(n, b, range_dtype) for n, b in self.named_buffers()
+                          if b.is_floating_point()})
 
         def part(prefix):
             return {n.removeprefix(prefix): v for n, v in state.items() if n.startswith(prefix)}
@@ -369,6 +379,9 @@ def main():
     variants = list(dict.fromkeys(variants + qat_variants))  # so QAT is compared at the same bits
     ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
     recorded = common.adopt_from(cfg, ckpt_dir / "student_kd.pt", "02_distill.py")
+    if "qat_models" in cfg.given:  # named on the command line: it must be there
+        for name in qat_names:
+            common.require(ckpt_dir / f"{name}.pt", "03_prune.py" if "pruned" in name else "02_distill.py")
     common.adopt_teacher_settings(cfg, recorded["metrics"], cfg.qat_epochs)
     qat_paths = {(name, v): ckpt_dir / f"{name}.qat.{v}.pt" for name in qat_names for v in qat_variants
                  if (ckpt_dir / f"{name}.pt").exists()}

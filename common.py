@@ -119,6 +119,8 @@ CHECKS = {
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
     "method": (lambda v: v in ("uniform", "global"), "uniform or global"),
     "teacher_views": (lambda v: v >= 0, "at least 0 (0 = as many as the epochs)"),
+    "qat_epochs": (lambda v: v >= 1, "at least 1"),
+    "qat_lr": (lambda v: v > 0, "greater than 0"),
     "recipe": (lambda v: v in ("ours", "course"), "ours or course"),
     "schedule": (lambda v: v in ("onecycle", "constant"), "onecycle or constant"),
     "norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
@@ -375,7 +377,8 @@ def native_canvas(img, size, crop):
 def canvas_origin(length, size, crop):
     """Where (in image pixels, along one axis) the canvas starts: its centre crop sits where
     torchvision's CenterCrop puts the crop."""
-    centre = int(round((length - crop) / 2.0)) if length >= crop else -((crop - length) // 2)
+    short = crop - length  # a shorter side: pad_if_needed's padding on both sides, then the centre
+    centre = int(round((length - crop) / 2.0)) if length >= crop else int(round(short / 2.0)) - short
     return centre - (size - crop) // 2
 
 
@@ -434,7 +437,7 @@ def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
     (listed in Split.unreadable) so that the submission still has its row."""
     files = list_images(root, split)
     labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
-    stored = f"native{native_crop}" if native_crop else str(size)
+    stored = f"native{native_crop}c{size}" if native_crop else str(size)
     cache, key = None, cache_key(files, stored)
     if cache_dir:
         tag = re.sub(r"[^A-Za-z0-9]+", "-", Path(root).resolve().name)
@@ -455,7 +458,8 @@ def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
             continue
         if img is None:  # said when its prediction is written
             unreadable.append(path.name)
-            img = np.zeros((size, size, 3), np.uint8), (size, size)
+            img = np.zeros((size, size, 3), np.uint8)
+            img = (img, (size, size)) if native_crop else img
         if native_crop:
             img, shape = img
             shapes.append(shape)
@@ -1493,7 +1497,7 @@ def resume_path(ckpt_path):
 RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr", "weight_decay",
              "label_smoothing", "img_size", "resize", "rotate", "jitter", "seed", "select_fraction",
              "temperature", "alpha", "sparsity", "base", "width_mult", "from_scratch", "teacher_norm",
-             "use_teacher", "teacher_views", "norm", "schedule")
+             "use_teacher", "teacher_views", "norm", "schedule", "qat_epochs", "qat_lr")
 
 
 def run_shape(cfg):

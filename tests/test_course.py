@@ -51,6 +51,17 @@ def test_native_evaluation_crops_are_torchvisions_center_crop(photos):
     assert torch.allclose(x[0], transforms.ToTensor()(transforms.CenterCrop(crop)(img)), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(255, 257), (251, 300), (201, 301), (60, 90)])
+def test_odd_and_tiny_images_follow_the_documented_padding_rule(tmp_path, shape):
+    folder = tmp_path / "food" / "validation"
+    folder.mkdir(parents=True)
+    img = np.random.default_rng(1).integers(0, 256, (*shape, 3)).astype(np.uint8)
+    cv2.imwrite(str(folder / "0_0.png"), img)
+    split = common.load_split(tmp_path / "food", "validation", 384, native_crop=256)
+    x, _ = next(common.eval_batches(split.images, split.labels, 1, 256))
+    assert torch.allclose(x[0], course_eval(folder / "0_0.png", 256), atol=1e-6)
+
+
 def test_native_training_crops_range_as_the_courses_random_crop(photos):
     crop = 256
     split = common.load_split(photos, "validation", 384, native_crop=crop)

@@ -1,3 +1,4 @@
+import hashlib
 import io
 
 import numpy as np
@@ -63,10 +64,23 @@ def test_a_mixed_layout_records_and_keeps_each_tensors_bits(variant):
     assert arrays["q"].nbytes < uniform["q"].nbytes * (int(variant[3]) / 8 + 0.1)
 
 
+# The arrays the code before mixed precision wrote for student_state() (commit 0751ed0's encode):
+# the course's 8-bit and 16-bit layouts must stay exactly these.
+COURSE_ARRAYS_SHA1 = {8: "9e5514b44fa06993d0c2dea2ac535d2a4f25c2b3", 16: "ef0c36a8b3365a432a324a032a0bd595cd61fe47"}
+
+
 def test_the_course_layouts_are_unchanged():
-    """Per tensor (the course's 8 bit) the ranges stay float32 and the codes are those of the
-    formula in the docstring, computed by hand here."""
+    """Per tensor (the course's 8 bit) the ranges stay float32, the codes are those of the
+    formula in the docstring (computed by hand here), and every array is byte for byte what
+    the code before this layout work wrote."""
     sd = student_state()
+    for bits, expected in COURSE_ARRAYS_SHA1.items():
+        arrays, h = quant.encode(sd, bits), hashlib.sha1()
+        for k in sorted(arrays):
+            h.update(k.encode())
+            h.update(str(arrays[k].dtype).encode())
+            h.update(arrays[k].tobytes())
+        assert h.hexdigest() == expected, bits
     arrays = quant.encode8(sd)
     assert arrays["lo"].dtype == np.float32 and arrays["q"].dtype == np.uint8
     w = sd["cnn.0.0.weight"].double().reshape(-1).numpy()
@@ -182,3 +196,25 @@ def test_the_front_is_the_files_nothing_beats():
     rows = [{"bytes": b, "val": S(a)} for b, a in [(100, 0.5), (200, 0.6), (150, 0.4), (300, 0.6), (50, 0.3)]]
     assert [r["front"] for r in quant.pareto(rows)] == ["*", "*", "", "", "*"]
     assert quant.log_ticks(60_000, 1_100_000) == [50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000]
+
+
+def test_per_channel_ranges_fall_back_to_float32_beyond_float16():
+    sd = student_state()
+    sd["cnn.1.1.running_var"] = torch.full_like(sd["cnn.1.1.running_var"], 70000.0)
+    arrays = quant.encode(sd, 8, True)
+    assert arrays["lo"].dtype == np.float32
+    out = quant.decode(npz_round_trip(arrays))
+    assert torch.all(out["cnn.1.1.running_var"] == 70000.0)
+    assert quant.encode(student_state(), 8, True)["lo"].dtype == np.float16
+
+
+def test_qat_on_a_channels_last_model_is_still_the_decoded_file(tmp_path):
+    torch.manual_seed(4)
+    model = common.StudentNet(widths=[6, 8, 10, 12, 14, 16, 18, 20], num_classes=5)
+    fq = common.prepare(quant.FakeQuant(model, "mix3"), torch.device("cpu")).eval()  # as fit() holds it
+    arrays = quant.encode(common.cpu_state_dict(fq), *quant.layout_of("mix3", fq.state_dict()))
+    decoded = common.StudentNet(widths=model.widths, num_classes=5)
+    decoded.load_state_dict(quant.decode(npz_round_trip(arrays)))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fq(x), decoded.eval()(x), atol=1e-5, rtol=0)
