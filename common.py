@@ -1279,8 +1279,9 @@ class TeacherBank:
         todo = sum(self.n - len(self.views.get(v, ())) for v in missing)
         bar = tqdm(total=todo, desc="teacher bank", leave=False, disable=None, unit="img")
         batch_size = self.batch_size or (1024 if device.type == "cuda" else 128)
+        ranges = self.train.crop_ranges(self.aug.crop)  # once: at native scale a loop over every image
         for v in missing:
-            draws = self.aug.draws(v, self.n, images.shape[1], self.train.crop_ranges(self.aug.crop))
+            draws = self.aug.draws(v, self.n, images.shape[1], ranges)
             rows = [torch.from_numpy(self.views.get(v, np.zeros((0, self.num_classes), np.float16)))]
             done = len(rows[0])
             try:
