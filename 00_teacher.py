@@ -3,8 +3,9 @@
 If checkpoints/teacher_resnet18.bin exists (the course's trained file, the shared food101-10
 one, or one this script wrote), evaluate it on validation and stop. Otherwise train one:
 from ImageNet weights when torchvision can load them, else from scratch (as on machines
-without internet), and save the best-on-validation weights in the course's format (a plain
-state_dict) with a JSON note of the preprocessing it was trained with.
+without internet), and save the weights of the epoch that scores best on the selection split
+(held out of training) in the course's format (a plain state_dict) with a JSON note of the
+preprocessing it was trained with.
 
     python 00_teacher.py
     python 00_teacher.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
@@ -12,8 +13,12 @@ state_dict) with a JSON note of the preprocessing it was trained with.
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torchvision
 
+from support import files
+from support.resume import Resumable, check_resume
+from support.running import run
+from support.settings import configure, course_scale, describe_preprocess, pick_device
+
 # --- settings (each can be overridden as --name=value) -------------------------------------
-data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 img_size = 224  # crop size fed to the teacher (pixels)
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (the course teacher file gets it by default)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
@@ -27,6 +32,8 @@ teacher_norm = "none"  # input normalisation of a teacher file without a note: n
 pretrained = True  # start from ImageNet weights when torchvision can load them
 select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
+
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
@@ -47,20 +54,21 @@ def imagenet_start(model):
 
 
 def main():
-    cfg = common.configure(globals())
-    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
-    path = ckpt_dir / common.TEACHER_FILE
+    cfg = configure(globals())
+    ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
+    path = ckpt_dir / files.TEACHER_FILE
     work = ckpt_dir / "teacher_resnet18.pt"  # the best epoch so far, while training
     if not path.exists():
-        common.check_resume(cfg, work)
-    common.course_scale(cfg, ckpt_dir)
+        check_resume(cfg, work)
+    course_scale(cfg, ckpt_dir)
     data = common.data_for(cfg, splits=("training", "validation"))
-    score = common.Scorer(data, cfg, common.pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    score = common.Scorer(data, cfg, device)
 
     if path.exists():
         teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
         val = score(teacher, {"norm": norm})
-        print(f"{path} found: val acc {val} ({common.describe_preprocess({'norm': norm}, cfg)}); not retraining")
+        print(f"{path} found: val acc {val} ({describe_preprocess({'norm': norm}, cfg)}); not retraining")
         outputs, chosen = [], {}
     else:
         common.seed_everything(cfg.seed)
@@ -68,18 +76,21 @@ def main():
         if cfg.pretrained:
             teacher = imagenet_start(teacher)
         print(f"training the ResNet18 teacher for {cfg.epochs} epochs (norm={cfg.teacher_norm})")
-        best = common.fit(teacher, data, cfg, work, norm=cfg.teacher_norm, desc="teacher")
-        teacher = common.load_model(common.new_path(work))[0]
+        best = common.fit(teacher, data, common.cross_entropy(cfg.label_smoothing),
+                          epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                          augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                          norm=cfg.teacher_norm, device=device, out=Resumable(work, cfg), desc="teacher")
+        teacher = common.load_model(files.new_path(work))[0]
         val = score(teacher, {"norm": cfg.teacher_norm})
-        outputs = common.save_teacher(path, teacher, cfg.teacher_norm,
-                                      {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
+        outputs = files.save_teacher(ckpt_dir, common.cpu_state_dict(teacher), cfg.teacher_norm,
+                                     {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
         chosen = {"select_acc": round(best["select_acc"], 4), "chosen_on": data.chosen_on}
         print(f"teacher: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on})")
-    size_of = common.new_path(path) if outputs else path
+    size_of = files.new_path(path) if outputs else path
     record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size, **chosen)
-    common.say_written(common.publish(ckpt_dir, outputs, [record],
-                                      finished=[common.new_path(work), common.resume_path(work)]))
+    files.say_written(files.publish(ckpt_dir, outputs, [record],
+                                    finished=[files.new_path(work), Resumable(work, cfg).state]))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run(main)

@@ -12,8 +12,12 @@ import time
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
 
+from support import files, reports
+from support.resume import Resumable, check_resume
+from support.running import run
+from support.settings import configure, describe_preprocess, pick_device, resize_of
+
 # --- settings (each can be overridden as --name=value) -------------------------------------
-data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size fed to the models (pixels)
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (no resizing)
@@ -30,11 +34,13 @@ base = 16  # student base width
 width_mult = 1.0  # student width multiplier of blocks 3-6
 select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
+bench = True  # time CPU latency and throughput of both models
+
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
 resume = False  # continue an interrupted run from its resumable state
-bench = True  # time CPU latency and throughput of both models
 
 
 SINGLE_RUNS, BATCH_RUNS = 11, 5
@@ -62,7 +68,7 @@ def compare(models, cfg):
     """models: name -> (model, the object its file holds). Bytes are those of that file."""
     rows = []
     for name, (model, saved) in models.items():
-        row = {"model": name, "params": common.count_params(model), "file bytes": common.saved_bytes(saved),
+        row = {"model": name, "params": common.count_params(model), "file bytes": files.saved_bytes(saved),
                "MACs": common.count_macs(model, cfg.img_size)}
         if cfg.bench:
             one, many = cpu_speed(model, cfg.img_size)
@@ -73,7 +79,7 @@ def compare(models, cfg):
         rows.append(row)
     print(f"\nstudent vs teacher at {cfg.img_size} px (file bytes: the student's .pt as this stage writes it, "
           "the teacher's .bin in the course's format)")
-    print(common.format_table(rows, list(rows[0])))
+    print(reports.format_table(rows, list(rows[0])))
 
 
 def block_table(model):
@@ -92,20 +98,20 @@ def block_table(model):
                      "params": sum(p.numel() for p in module.parameters(recurse=False))})
     rows.append({"layer": "total", "kind": "", "weight": "", "params": common.count_params(model)})
     print("\nstudent layers")
-    print(common.format_table(rows, list(rows[0])))
+    print(reports.format_table(rows, list(rows[0])))
 
 
 def main():
-    cfg = common.configure(globals())
-    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    cfg = configure(globals())
+    ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
     path = ckpt_dir / "student_scratch.pt"
-    common.check_resume(cfg, path)
+    check_resume(cfg, path)
     data = common.data_for(cfg, splits=("training", "validation"))
+    device = pick_device(cfg.device)
     common.seed_everything(cfg.seed)
     student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     teacher = common.make_teacher(data.num_classes)
-    preprocess = {"norm": cfg.norm, "img_size": cfg.img_size, "resize": common.resize_of(cfg),
-                  **data.selection}
+    preprocess = {"norm": cfg.norm, "img_size": cfg.img_size, "resize": resize_of(cfg), **data.selection}
     # channels_last, as fit() trains and saves it: the tensors' strides are part of the file
     as_saved = common.checkpoint(common.prepare(student, "cpu"), preprocess, common.epoch_metrics(views=cfg.epochs))
     compare({"student": (student, as_saved),
@@ -113,16 +119,19 @@ def main():
     block_table(student)
 
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
-    best = common.fit(student, data, cfg, path, norm=cfg.norm, desc="scratch")
-    model, preprocess, _ = common.load_model(common.new_path(path))
-    val = common.Scorer(data, cfg, common.pick_device(cfg.device))(model, preprocess)
-    record = common.model_record("1 architecture", "student_scratch", model, common.new_path(path), val,
+    best = common.fit(student, data, common.cross_entropy(cfg.label_smoothing),
+                      epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
+                      batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                      norm=cfg.norm, device=device, out=Resumable(path, cfg), desc="scratch")
+    model, preprocess, _ = common.load_model(files.new_path(path))
+    val = common.Scorer(data, cfg, device)(model, preprocess)
+    record = common.model_record("1 architecture", "student_scratch", model, files.new_path(path), val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
                                  chosen_on=data.chosen_on, seed=cfg.seed)
     print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}; "
-          f"{common.describe_preprocess(preprocess, cfg)})")
-    common.say_written(common.publish(ckpt_dir, [path], [record], finished=[common.resume_path(path)]))
+          f"{describe_preprocess(preprocess, cfg)})")
+    files.say_written(files.publish(ckpt_dir, [path], [record], finished=[Resumable(path, cfg).state]))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run(main)

@@ -10,10 +10,13 @@ and ends with teacher / scratch student / distilled student accuracy side by sid
     python 02_distill.py
     python 02_distill.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
 """
-import common
+import common  # first: Ctrl-C during the slow imports is then a clean exit
+from support import files, reports
+from support.resume import Resumable, check_resume
+from support.running import run
+from support.settings import DISTILLED_WITH, configure, course_scale, describe_preprocess, pick_device
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size fed to student and teacher (pixels)
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (no resizing)
@@ -28,7 +31,6 @@ weight_decay = 0.05  # AdamW weight decay
 temperature = 20.0  # softmax temperature T of the distillation term
 alpha = 0.5  # weight of the distillation term (1 - alpha goes to cross-entropy)
 sparsity = 0.0  # L1 weight on BatchNorm gammas (network slimming); e.g. 1e-4
-teacher_bank = True  # ask the teacher once per view of each image into a bank; False: on every batch
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as the epochs
 from_scratch = True  # start the student from random weights, not from student_scratch.pt
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
@@ -36,53 +38,57 @@ base = 16  # student base width (when from_scratch)
 width_mult = 1.0  # student width multiplier of blocks 3-6 (when from_scratch)
 select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
 seed = 0  # random seed (weights, batch order, augmentation)
+
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+teacher_bank = True  # ask the teacher once per view of each image into a bank; False: on every batch
 resume = False  # continue an interrupted run from its resumable state
 
 
 def main():
-    cfg = common.configure(globals())
-    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    cfg = configure(globals())
+    ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
     path, scratch_path = ckpt_dir / "student_kd.pt", ckpt_dir / "student_scratch.pt"
-    common.require(ckpt_dir / common.TEACHER_FILE, "00_teacher.py")
-    common.teacher_note(ckpt_dir)  # a damaged note is said now
+    files.require(ckpt_dir / files.TEACHER_FILE, "00_teacher.py")
+    files.teacher_note(ckpt_dir)  # a damaged note is said now
     if not cfg.from_scratch:
-        common.require(scratch_path, "01_architecture.py")
-    common.course_scale(cfg, ckpt_dir)
-    common.check_resume(cfg, path)
+        files.require(scratch_path, "01_architecture.py")
+    course_scale(cfg, ckpt_dir)
+    check_resume(cfg, path)
     data = common.data_for(cfg, splits=("training", "validation"))
-    device = common.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
     teacher = common.prepare(teacher, device)
     score = common.Scorer(data, cfg, device)
     teacher_val = score(teacher, {"norm": norm})
-    print(f"teacher: val acc {teacher_val} ({common.describe_preprocess({'norm': norm}, cfg)})")
+    print(f"teacher: val acc {teacher_val} ({describe_preprocess({'norm': norm}, cfg)})")
 
     common.seed_everything(cfg.seed)
     if cfg.from_scratch:
         student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     else:
-        student = common.load_model(scratch_path, "student", data.num_classes,
-                                    made_by="01_architecture.py")[0]
-    views = range(min(cfg.teacher_views or cfg.epochs, cfg.epochs))
-    asked = common.teacher_for(cfg, ckpt_dir, data, device, views, loaded=(teacher, norm))
-    loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
-    print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, "
-          f"sparsity={cfg.sparsity})")
-    best = common.fit(student, data, cfg, path, norm=cfg.norm, loss_fn=loss, sparsity=cfg.sparsity, desc="distill",
-                      notes={"teacher_norm": norm, **{k: cfg[k] for k in common.DISTILLED_WITH[1:]}})
+        student = common.load_model(scratch_path, "student", data.num_classes, made_by="01_architecture.py")[0]
+    views = min(cfg.teacher_views or cfg.epochs, cfg.epochs)
+    asked = common.teacher_for(cfg, ckpt_dir, data, device, range(views), loaded=(teacher, norm))
+    print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, sparsity={cfg.sparsity})")
+    best = common.fit(student, data, common.distill_loss(asked, cfg.temperature, cfg.alpha),
+                      epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
+                      batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                      views=cfg.teacher_views, sparsity=cfg.sparsity, norm=cfg.norm, device=device,
+                      out=Resumable(path, cfg), desc="distill",
+                      notes={"teacher_norm": norm, **{k: cfg[k] for k in DISTILLED_WITH[1:]}})
     print(f"the teacher saw {asked.images:,} training images in this run")
-    student, preprocess, _ = common.load_model(common.new_path(path))
+    student, preprocess, _ = common.load_model(files.new_path(path))
     kd_val = score(student, preprocess)
-    record = common.model_record("2 distillation", "student_kd", student, common.new_path(path), kd_val,
+    record = common.model_record("2 distillation", "student_kd", student, files.new_path(path), kd_val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
                                  chosen_on=data.chosen_on, seed=cfg.seed, temperature=cfg.temperature,
                                  alpha=cfg.alpha)
 
     def table_row(name, val, seen):
-        return {"model": name, "sees": common.describe_preprocess(seen, cfg), common.VAL_COLUMN: val}
+        return {"model": name, "sees": describe_preprocess(seen, cfg), reports.VAL_COLUMN: val}
     rows = [table_row("teacher (ResNet18)", teacher_val, {"norm": norm})]
     scratch_val = None
     if scratch_path.exists():
@@ -91,13 +97,13 @@ def main():
         rows.append(table_row("student from scratch", scratch_val, scratch_preprocess))
     rows.append(table_row("distilled student", kd_val, preprocess))
     print(f"\nvalidation accuracy ({kd_val.n} images; epochs chosen on {data.chosen_on})")
-    print(common.format_table(rows, list(rows[0])))
+    print(reports.format_table(rows, list(rows[0])))
     if scratch_val is not None:
         print("\ndistilled vs scratch on the same images")
-        row = common.paired_row("scratch", scratch_val, "distilled", kd_val)
-        print(common.format_table([row], list(row)))
-    common.say_written(common.publish(ckpt_dir, [path], [record], finished=[common.resume_path(path)]))
+        row = reports.paired_row("scratch", scratch_val, "distilled", kd_val)
+        print(reports.format_table([row], list(row)))
+    files.say_written(files.publish(ckpt_dir, [path], [record], finished=[Resumable(path, cfg).state]))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run(main)

@@ -14,15 +14,15 @@ model within max_acc_drop of student_kd is saved as checkpoints/student_pruned.p
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
 """
-import math
-
 import common  # first: Ctrl-C during the slow imports is then a clean exit
-import cv2
-import numpy as np
 import torch
 
+from support import files, plots, reports
+from support.resume import Resumable, check_resume
+from support.running import UserError, run, warn
+from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device
+
 # --- settings (each can be overridden as --name=value) -------------------------------------
-data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
 img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record wins unless given
@@ -43,14 +43,16 @@ max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of stud
 temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there)
 alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
-teacher_bank = True  # read the teacher's answers from the bank (built where missing); False: ask it on every batch
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
 select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record wins unless given
 seed = 0  # random seed (batch order, augmentation)
+
+data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
 ckpt_dir = "checkpoints"  # where checkpoints and results.json go
 cache_dir = "data/cache"  # decoded-image cache; "" turns it off
+teacher_bank = True  # read the teacher's answers from the bank (built where missing); False: ask it on every batch
 resume = False  # continue an interrupted run; finished fine-tunes are reused
 
 
@@ -135,57 +137,8 @@ def parse_groups(text):
     except ValueError:
         groups = []
     if not groups or not set(groups) <= set(GROUPS):
-        raise common.UserError(f"--prune_groups={text!r}: give block numbers from 1 to 7, e.g. 4,5,6,7")
+        raise UserError(f"--prune_groups={text!r}: give block numbers from 1 to 7, e.g. 4,5,6,7")
     return groups
-
-
-# ============================================================================================
-# The plot: accuracy against parameters and bytes
-# ============================================================================================
-
-PLOT_SIZE = (1100, 500)  # width, height
-
-
-def plot_rounds(path, rows, kd):
-    """Two panels, validation accuracy against parameters and against file bytes: each round
-    just pruned (grey ring) and after fine-tuning (blue dot, labelled with its keep), and
-    student_kd (red)."""
-    width, height = PLOT_SIZE
-    img = np.full((height, width, 3), 255, np.uint8)
-    accs = [kd["acc"]] + [r[k] for r in rows for k in ("acc_before", "acc_after")]
-    y_ticks = common.nice_ticks(min(accs), max(accs))
-    decimals = max(2, -math.floor(math.log10(y_ticks[1] - y_ticks[0])))
-    for panel, (key, title) in enumerate((("params", "parameters"), ("bytes", "file bytes (.pt)"))):
-        left, right, top, bottom = panel * width // 2 + 75, (panel + 1) * width // 2 - 30, 40, height - 85
-        x_ticks = common.nice_ticks(0, max([kd[key]] + [r[key] for r in rows]) * 1.08)
-
-        def at(x, y):
-            return (round(left + x / x_ticks[-1] * (right - left)),
-                    round(bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)))
-        for y in y_ticks:
-            cv2.line(img, at(0, y), at(x_ticks[-1], y), common.GRID, 1)
-            common.text(img, f"{y:.{decimals}f}", (left - 12 - 9 * decimals, at(0, y)[1] + 5))
-        for x in x_ticks:
-            cv2.line(img, at(x, y_ticks[0]), at(x, y_ticks[-1]), common.GRID, 1)
-            label = f"{x / 1000:,.0f}k"
-            common.text(img, label, (at(x, 0)[0] - 4 * len(label), bottom + 20))
-        cv2.rectangle(img, (left, top), (right, bottom), common.INK, 1)
-        common.text(img, f"validation accuracy vs {title}", (left, top - 14), 0.55)
-        common.text(img, title, ((left + right) // 2 - 4 * len(title), bottom + 45))
-        for r in rows:
-            before, after = at(r[key], r["acc_before"]), at(r[key], r["acc_after"])
-            cv2.line(img, before, after, common.GRID, 1)
-            cv2.circle(img, before, 4, common.GREY, 1, cv2.LINE_AA)
-            cv2.circle(img, after, 5, common.BLUE, -1, cv2.LINE_AA)
-            common.text(img, f"keep {r['keep']:.2f}", (after[0] + 7, after[1] - 7))
-        kd_at = at(kd[key], kd["acc"])
-        cv2.circle(img, kd_at, 6, common.RED, -1, cv2.LINE_AA)
-        common.text(img, "student_kd", (kd_at[0] - 45, kd_at[1] + 24))
-    ylabel = np.full((20, 200, 3), 255, np.uint8)
-    common.text(ylabel, "validation accuracy", (5, 15))
-    img[130:330, 8:28] = np.rot90(ylabel)
-    common.text(img, "grey ring: just pruned    blue dot: after fine-tuning    red: student_kd", (75, height - 15))
-    common.atomic_write(path, lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
 
 
 # ============================================================================================
@@ -206,46 +159,47 @@ def choose_smallest(rows, kd_select, max_acc_drop):
     ok = [r for r in rows if r["select_after"] >= kd_select - max_acc_drop]
     if ok:
         return min(ok, key=lambda r: r["params"])
-    common.warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_select:.4f} on the "
+    warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_select:.4f} on the "
                 "selection split); keeping the most accurate one there")
     return max(rows, key=lambda r: r["select_after"])
 
 
 def main():
-    cfg = common.configure(globals())
+    cfg = configure(globals())
     groups = parse_groups(cfg.prune_groups)
-    ckpt_dir = common.ensure_writable(cfg.ckpt_dir)
+    ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
     kd_path = ckpt_dir / "student_kd.pt"
-    recorded = common.adopt_from(cfg, kd_path, "02_distill.py")
+    recorded = adopt_from(cfg, kd_path, "02_distill.py")
     longest = max(cfg.finetune_epochs, cfg.sparsity_epochs if cfg.sparsity else 0)  # the most views a fine-tune uses
-    common.adopt_teacher_settings(cfg, recorded["metrics"], max(longest, 1))
+    adopt_teacher_settings(cfg, recorded["metrics"], max(longest, 1))
     sparse_path = ckpt_dir / "student_sparse.pt"
-    common.check_resume(cfg, sparse_path)  # it may say what sparsity the rounds' names carry
+    check_resume(cfg, sparse_path)  # it may say what sparsity the rounds' names carry
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
     variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     keeps = [cfg.prune_rate ** k for k in range(1, cfg.prune_count + 1)]
     round_paths = [ckpt_dir / f"student_pruned_{keep:.3f}{variant}.pt" for keep in keeps]
-    common.check_resume(cfg, *round_paths)
-    common.teacher_note(ckpt_dir)  # a damaged note is said now
+    check_resume(cfg, *round_paths)
+    files.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
     kd, preprocess, _ = common.load_model(kd_path, "student", data.num_classes, made_by="02_distill.py")
-    preprocess = {**common.as_given(cfg, preprocess), **data.selection}
-    norm = preprocess["norm"]
-    device = common.pick_device(cfg.device)
+    preprocess = {**as_given(cfg, preprocess), **data.selection}
+    device = pick_device(cfg.device)
     score = common.Scorer(data, cfg, device)
-
-    def fine_tune(model, path, epochs, desc, sparsity=0.0):
-        """Train `model` (a fresh optimizer on its own parameters) and return its best epoch."""
-        common.fit(model, data, cfg.but(epochs=epochs), path, norm=norm, loss_fn=loss, sparsity=sparsity, desc=desc)
-        return common.load_model(common.new_path(path))[0].cpu()
-
     (kd_val, kd_select), kd_params = score.both(kd, preprocess), common.count_params(kd)
-    loss = asked = None
-    if cfg.use_teacher and longest and (ckpt_dir / common.TEACHER_FILE).exists():
+    loss, asked = common.cross_entropy(), None
+    if cfg.use_teacher and longest and (ckpt_dir / files.TEACHER_FILE).exists():
         asked = common.teacher_for(cfg, ckpt_dir, data, device, range(min(cfg.teacher_views, longest)))
         loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "
-          f"fine-tuning with {'distillation' if loss else 'cross-entropy'}")
+          f"fine-tuning with {'distillation' if asked else 'cross-entropy'}")
+
+    def fine_tune(model, path, epochs, desc, sparsity=0.0):
+        """Train `model` (a fresh optimizer on its own parameters); its best epoch, on the CPU."""
+        common.fit(model, data, loss, epochs=epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
+                   batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                   views=cfg.teacher_views, sparsity=sparsity, norm=preprocess["norm"], device=device,
+                   out=Resumable(path, cfg), desc=desc)
+        return common.load_model(files.new_path(path))[0].cpu()
 
     # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------
     base, outputs = kd.cpu(), []
@@ -253,7 +207,7 @@ def main():
         print(f"sparsity fine-tune: {cfg.sparsity_epochs} epochs, L1 {cfg.sparsity} on BN gammas")
         base = fine_tune(kd, sparse_path, cfg.sparsity_epochs, "sparsity", cfg.sparsity)
         print(f"after the sparsity fine-tune: val acc {score(base, preprocess)}")
-        base, outputs = base.cpu(), [sparse_path]
+        outputs = [sparse_path]
 
     # --- the rounds, each from the same base ------------------------------------------------
     rows, records = [], []
@@ -265,15 +219,15 @@ def main():
         if cfg.finetune_epochs:
             model = fine_tune(model, path, cfg.finetune_epochs, f"round {k}")
         else:
-            common.save_checkpoint(common.new_path(path), model, preprocess)
+            common.save_checkpoint(files.new_path(path), model, preprocess)
         after, select = score.both(model, preprocess)
         rows.append({"keep": round(keep, 3), "params": common.count_params(model),
                      "macs": common.count_macs(model.cpu(), cfg.img_size),
-                     "bytes": common.file_bytes(common.new_path(path)),
-                     "acc_before": before.acc, "acc_after": after.acc, "select_after": select.acc,
-                     "val before": before, "val after [95% CI]": after, "selection after": select,
-                     "path": path, "score": after, "model": model})
-        records.append(common.model_record("3 pruning", path.stem, model, common.new_path(path), after,
+                     "bytes": files.file_bytes(files.new_path(path)),
+                     "acc_before": before.acc, "acc_after": after.acc, "ci_after": after.interval(),
+                     "select_after": select.acc, "val before": before, "val after [95% CI]": after,
+                     "selection after": select, "path": path, "score": after, "model": model})
+        records.append(common.model_record("3 pruning", path.stem, model, files.new_path(path), after,
                                            cfg.img_size, keep=rows[-1]["keep"], method=cfg.method,
                                            acc_before=round(before.acc, 4), select_acc=round(select.acc, 4),
                                            chosen_on=data.chosen_on))
@@ -281,28 +235,28 @@ def main():
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
     chosen = choose_smallest(rows, kd_select.acc, cfg.max_acc_drop)
     final = ckpt_dir / "student_pruned.pt"
-    blob = common.new_path(chosen["path"]).read_bytes()
-    common.atomic_write(common.new_path(final), lambda f: f.write(blob))
-    records.append(common.model_record("3 pruning", "student_pruned", chosen["model"], common.new_path(final),
+    blob = files.new_path(chosen["path"]).read_bytes()
+    files.atomic_write(files.new_path(final), lambda f: f.write(blob))
+    records.append(common.model_record("3 pruning", "student_pruned", chosen["model"], files.new_path(final),
                                        chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
                                        select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on))
     print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}), "
           f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
           f"epochs and the round chosen on {data.chosen_on}")
-    print(common.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
-                                     "selection after"]))
+    print(reports.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
+                                      "selection after"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
           f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select.acc:.4f}, "
           f"allowed drop {cfg.max_acc_drop})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
-    plot_rounds(common.new_path(plot), rows, {"params": kd_params, "bytes": common.file_bytes(kd_path),
-                                              "acc": kd_val.acc})
+    plots.plot_rounds(files.new_path(plot), rows, {"params": kd_params, "bytes": files.file_bytes(kd_path),
+                                                   "acc": kd_val.acc})
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
     outputs += round_paths + [final, plot]
-    common.say_written(common.publish(ckpt_dir, outputs, records,
-                                      finished=map(common.resume_path, [sparse_path, *round_paths])))
+    files.say_written(files.publish(ckpt_dir, outputs, records,
+                                    finished=[Resumable(p, cfg).state for p in [sparse_path, *round_paths]]))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run(main)

@@ -22,6 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from support import images as decoding
+from support import reports
+from support.bank import TeacherBank
+from support.running import run
+from support.settings import configure, pick_device
+
 # --- settings (each can be overridden as --name=value) -------------------------------------
 data_dir = "../shared/data/food101-10"  # a Food-11-layout data set
 sizes = "128,256"  # crop sizes to compare
@@ -38,8 +44,8 @@ class PILFolder(torch.utils.data.Dataset):
     """The usual way: open, decode and transform one file per __getitem__."""
 
     def __init__(self, root, transform):
-        self.files = common.list_images(root, "training")
-        self.labels = [common.parse_label(p) for p in self.files]
+        self.files = decoding.list_images(root, "training")
+        self.labels = [decoding.parse_label(p) for p in self.files]
         self.transform = transform
 
     def __len__(self):
@@ -101,32 +107,32 @@ VIEWS = 4  # views in the benchmark's teacher bank
 
 def made_up_bank(split, n_classes, aug):
     """A TeacherBank serving random logits for VIEWS views: the serving path, without the build."""
-    bank = common.TeacherBank(tempfile.gettempdir(), split, n_classes, aug, "benchmark", "none")
+    bank = TeacherBank(tempfile.gettempdir(), {"benchmark": aug.crop}, len(split.labels), n_classes)
     rng = np.random.default_rng(0)
     bank.views = {v: rng.standard_normal((len(split.labels), n_classes)).astype(np.float16) for v in range(VIEWS)}
     return bank
 
 
 def main():
-    cfg = common.configure(globals())
-    device = common.pick_device(cfg.device)
+    cfg = configure(globals())
+    device = pick_device(cfg.device)
     sizes = [int(s) for s in cfg.sizes.split(",")]
     print(f"benchmark on {device}, {torch.get_num_threads()} threads, batch {cfg.batch_size}, "
           f"median of {cfg.rounds} interleaved rounds of {cfg.steps} steps per method")
 
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        common.load_split(cfg.data_dir, "training", round(max(sizes) * 8 / 7), cache_dir=cache)
+        decoding.load_split(cfg.data_dir, "training", round(max(sizes) * 8 / 7), cache_dir=cache)
         decode_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        common.load_split(cfg.data_dir, "training", round(max(sizes) * 8 / 7), cache_dir=cache)
+        decoding.load_split(cfg.data_dir, "training", round(max(sizes) * 8 / 7), cache_dir=cache)
         cached_s = time.perf_counter() - t0
     print(f"\ntraining split: decode {decode_s:.2f}s, from cache {cached_s:.2f}s "
           f"(cache read = {cached_s / decode_s:.3f}x decode)")
 
     rows = []
     for size in sizes:
-        split = common.load_split(cfg.data_dir, "training", round(size * 8 / 7))
+        split = decoding.load_split(cfg.data_dir, "training", round(size * 8 / 7))
         n_classes = int(split.labels.max()) + 1
         images, labels = common.to_device_images(split, device)
         torch.manual_seed(cfg.seed)
@@ -161,8 +167,8 @@ def main():
               f"a distillation step costs {times['ours + teacher (KD)'] / times['ours']:.2f}x a plain one "
               f"with the teacher asked, {times['ours + teacher bank (KD)'] / times['ours']:.2f}x with the bank")
     print()
-    print(common.format_table(rows, list(rows[0])))
+    print(reports.format_table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run(main)

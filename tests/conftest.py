@@ -27,9 +27,16 @@ def load_script(name):
     return module
 
 
+def overridden(args):
+    """Tests build a run's flags from shared lists: a later --name=value replaces an earlier one
+    (a script refuses a setting given twice)."""
+    last = {a.split("=", 1)[0]: i for i, a in enumerate(args)}
+    return [a for i, a in enumerate(args) if last[a.split("=", 1)[0]] == i]
+
+
 def start(script, args):
     """A stage running in the background, to interrupt or kill."""
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(REPO / script), *overridden(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -48,7 +55,7 @@ def snapshot(folder):
 
 def run_script(name, *args, timeout=300, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / name), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(REPO / name), *overridden(args)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
 

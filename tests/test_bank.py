@@ -5,8 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import common
+from support import files, running, settings
+from support.bank import TeacherBank
 from conftest import run_script
 
 
@@ -42,14 +45,14 @@ def bank_setup(sample_root, tmp_path):
     ckpt = tmp_path / "ck"
     ckpt.mkdir()
     torch.manual_seed(0)
-    torch.save(common.make_teacher(11).state_dict(), ckpt / common.TEACHER_FILE)
-    cfg = common.Settings({"img_size": 16, "resize": 18, "rotate": 10.0, "jitter": 0.1, "seed": 0,
+    torch.save(common.make_teacher(11).state_dict(), ckpt / files.TEACHER_FILE)
+    cfg = settings.Settings({"img_size": 16, "resize": 18, "rotate": 10.0, "jitter": 0.1, "seed": 0,
                            "teacher_bank": True, "teacher_norm": "none", "data_dir": str(root)})
     return root, ckpt, cfg
 
 
 def bank_for(root, ckpt, cfg, views=range(2)):
-    data = common.load_data(root, common.resize_of(cfg), splits=("training", "validation"))
+    data = common.load_data(root, settings.resize_of(cfg), splits=("training", "validation"))
     return common.teacher_for(cfg, ckpt, data, torch.device("cpu"), views), data
 
 
@@ -90,7 +93,7 @@ def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup,
                    {"teacher_norm": "imagenet"}):
         built(bank_for(root, ckpt, cfg.but(**change))[0])
     torch.manual_seed(5)  # another teacher file
-    torch.save(common.make_teacher(11).state_dict(), ckpt / common.TEACHER_FILE)
+    torch.save(common.make_teacher(11).state_dict(), ckpt / files.TEACHER_FILE)
     built(bank_for(root, ckpt, cfg)[0])
     picture = root / "training" / "3_1.jpg"  # one training image changed
     picture.write_bytes((root / "training" / "4_1.jpg").read_bytes())
@@ -104,19 +107,19 @@ def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup,
 
 def test_an_interrupted_build_resumes_where_it_stopped(bank_setup, monkeypatch):
     root, ckpt, cfg = bank_setup
-    monkeypatch.setattr(common.TeacherBank, "batch_size", 16)
+    monkeypatch.setattr(TeacherBank, "batch_size", 16)
     asked = []
-    real_ask = common.TeacherBank.ask
+    real_forward = torchvision.models.ResNet.forward
 
-    def ask_then_stop(self, *args):
+    def forward_then_stop(self, x):
         if len(asked) == 8:  # view 0 is 6 batches of 16 (88 images): stop in view 1, 2 batches in
             raise KeyboardInterrupt
         asked.append(1)
-        return real_ask(self, *args)
-    monkeypatch.setattr(common.TeacherBank, "ask", ask_then_stop)
-    with pytest.raises(common.Interrupted, match="keeps what was done"):
+        return real_forward(self, x)
+    monkeypatch.setattr(torchvision.models.ResNet, "forward", forward_then_stop)
+    with pytest.raises(running.Interrupted, match="keeps what was done"):
         bank_for(root, ckpt, cfg)
-    monkeypatch.setattr(common.TeacherBank, "ask", real_ask)
+    monkeypatch.setattr(torchvision.models.ResNet, "forward", real_forward)
     data = common.load_data(root, 18, splits=("training", "validation"))
     n = len(data.train.labels)
     saved = np.load(next(ckpt.glob("teacher_bank_*.npz")))
@@ -153,16 +156,16 @@ def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_inste
     assert "the teacher saw 0 training images" not in run.stdout
 
 
-def test_later_stages_distil_with_the_teacher_settings_student_kd_records(capsys):
-    cfg = common.Settings({"teacher_norm": "none", "teacher_views": 0})
-    common.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10}, 3)
+def test_later_stages_distil_with_the_teacher_settings_student_kd_records():
+    cfg = settings.Settings({"teacher_norm": "none", "teacher_views": 0})
+    settings.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (cfg.teacher_norm, cfg.teacher_views) == ("imagenet", 10)
-    assert "as student_kd.pt records" in capsys.readouterr().out
-    given = common.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
-    common.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
+    assert cfg.provenance() == "settings: teacher_norm=imagenet from student_kd.pt"
+    given = settings.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
+    settings.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (given.teacher_norm, given.teacher_views) == ("none", 4)
-    old = common.Settings({"teacher_norm": "none", "teacher_views": 0})  # a student_kd.pt that records neither
-    common.adopt_teacher_settings(old, {}, 3)
+    old = settings.Settings({"teacher_norm": "none", "teacher_views": 0})  # a student_kd.pt that records neither
+    settings.adopt_teacher_settings(old, {}, 3)
     assert (old.teacher_norm, old.teacher_views) == ("none", 3)
 
 

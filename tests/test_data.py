@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+from support import images, running
 from conftest import SHARED_DATA
 
 
@@ -25,10 +26,10 @@ def tiny_root(root, per_class=2, classes=3):
 
 
 def test_labels_come_from_the_file_name(tmp_path):
-    assert common.parse_label(tmp_path / "7_123.jpg") == 7
-    assert common.parse_label(tmp_path / "10_0.png") == 10
-    with pytest.raises(common.UserError, match="integer class"):
-        common.parse_label(tmp_path / "bread_1.jpg")
+    assert images.parse_label(tmp_path / "7_123.jpg") == 7
+    assert images.parse_label(tmp_path / "10_0.png") == 10
+    with pytest.raises(running.UserError, match="integer class"):
+        images.parse_label(tmp_path / "bread_1.jpg")
 
 
 def test_split_is_one_uint8_tensor_of_centre_squares(tmp_path):
@@ -44,7 +45,7 @@ def test_class_names_from_classes_txt_or_food11(tmp_path):
     (root / "classes.txt").write_text("x\ny\nz\nw\n")
     assert common.load_data(root, 12).class_names == ["x", "y", "z", "w"]
     root = tiny_root(tmp_path / "b", per_class=1, classes=11)
-    assert common.load_data(root, 12).class_names == common.FOOD11_CLASSES
+    assert common.load_data(root, 12).class_names == images.FOOD11_CLASSES
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -58,7 +59,7 @@ def test_class_names_from_classes_txt_or_food11(tmp_path):
 def test_bad_data_is_one_clear_error(tmp_path, break_it, message):
     root = tiny_root(tmp_path / "food")
     break_it(root)
-    with pytest.raises(common.UserError, match=message):
+    with pytest.raises(running.UserError, match=message):
         common.load_data(root, 12)
 
 
@@ -96,7 +97,7 @@ def test_second_load_hits_the_cache_and_a_change_misses_it(tmp_path, monkeypatch
     root, cache = tiny_root(tmp_path / "food"), tmp_path / "cache"
     first = common.load_data(root, 12, cache_dir=cache)
     calls = []
-    monkeypatch.setattr(common, "decode_split", lambda *a: calls.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(images, "decode_split", lambda *a: calls.append(a) or pytest.fail("decoded"))
     again = common.load_data(root, 12, cache_dir=cache)
     assert torch.equal(first.train.images, again.train.images) and not calls
     monkeypatch.undo()

@@ -1,6 +1,7 @@
 import torch
 
 import common
+from support import images
 
 
 def test_course_student_has_256779_parameters_and_its_names():
@@ -35,7 +36,7 @@ def test_plain_state_dicts_are_recognised(tmp_path):
     assert common.arch_from_state_dict(teacher.state_dict()) == {"kind": "resnet18", "num_classes": 7}
     torch.save(student.state_dict(), tmp_path / "plain.bin")
     model, preprocess, _ = common.load_model(tmp_path / "plain.bin", plain_norm="none")
-    assert model.widths == student.widths and preprocess == {"norm": "none", "resize": common.NATIVE}  # the course's convention, its scale too
+    assert model.widths == student.widths and preprocess == {"norm": "none", "resize": images.NATIVE}  # the course's convention, its scale too
 
 
 def test_checkpoint_round_trip_keeps_arch_and_preprocessing(tmp_path):

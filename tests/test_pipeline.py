@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 import common
+from support import files
 from conftest import load_script, run_script
 
 
@@ -53,7 +54,7 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
         assert pruned.widths == fresh.widths
         assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
     assert (ck / "student_pruned.pt").exists()
-    assert cv2.imread(str(ck / "pruning_global.png")).shape == (500, 1100, 3)
+    assert cv2.imread(str(ck / "pruning_global.png")).shape[:2] == (460, 1100)  # matplotlib, 11 x 4.6 in
 
 
 def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
@@ -70,13 +71,13 @@ def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
     assert "the teacher is not loaded" in out  # QAT read the bank 02 built
     front = [line for line in out.splitlines() if re.search(r"\s\*\s*(<-)?\s*$", line)]
     assert front, "the frontier marks some files"
-    assert cv2.imread(str(ck / "frontier.png")).shape == (560, 900, 3)
+    assert cv2.imread(str(ck / "frontier.png")).shape[:2] == (560, 900)
     rows = list(csv.reader(open(ck / "predictions.csv")))
     assert rows[0] == ["Id", "Category"]
     ids = [int(r[0]) for r in rows[1:]]
     assert ids == list(range(13))  # 0000.jpg -> 0, in numeric order
     assert all(0 <= int(r[1]) < 11 for r in rows[1:])
-    stages = {r["stage"] for r in common.read_results(ck)}
+    stages = {r["stage"] for r in files.read_results(ck)}
     assert stages == {"0 teacher", "1 architecture", "2 distillation", "3 pruning", "4 quantization"}
 
 
@@ -92,7 +93,7 @@ def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pip
     assert "selection 11 (held out" in proc.stdout and "differs" not in proc.stderr
     proc = run_script("04_quantize.py", *plain, "--img_size=17", "--select_fraction=0.2")
     assert proc.returncode == 0, proc.stderr
-    assert "note: student_kd.pt was made with img_size=16; using --img_size=17 as given" in proc.stdout
+    assert "note: student_kd.pt was made with img_size=16; using --img_size=17" in proc.stdout
     assert "note: student_kd.pt was made with select_fraction=0.1; using --select_fraction=0.2" in proc.stdout
     assert "(19 px stored, 17 px crops)" in proc.stdout
     assert "selection split differs from the one student_kd.pt was made with" in proc.stderr

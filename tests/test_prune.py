@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import common
+from support import running
 from conftest import load_script
 
 prune = load_script("03_prune.py")
@@ -80,5 +81,5 @@ def test_a_pruned_checkpoint_rebuilds_its_shape(tmp_path):
 def test_bad_prune_groups_are_a_clear_error():
     assert prune.parse_groups("7,4, 5") == [4, 5, 7]
     for text in ("0,1", "8", "a", ""):
-        with pytest.raises(common.UserError, match="block numbers from 1 to 7"):
+        with pytest.raises(running.UserError, match="block numbers from 1 to 7"):
             prune.parse_groups(text)

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 import common
+from support import qfile, running
 from conftest import load_script
 
 quant = load_script("04_quantize.py")
+
+
+def encode(state_dict, bits, per_channel=False, plan=None):
+    """A file's arrays in a layout given by hand, with 04's min-max codes."""
+    return qfile.encode(state_dict, bits, per_channel, plan, quantize=quant.minmax_quantize)
 
 
 def student_state():
@@ -46,7 +52,7 @@ def assert_within_half_a_step(sd, out, bits_of, per_channel):
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_every_element_is_within_half_a_step(bits, per_channel):
     sd = student_state()
-    out = quant.decode(npz_round_trip(quant.encode(sd, bits, per_channel)))
+    out = qfile.decode(npz_round_trip(encode(sd, bits, per_channel)))
     assert_within_half_a_step(sd, out, lambda name: bits, per_channel)
 
 
@@ -55,12 +61,12 @@ def test_a_mixed_layout_records_and_keeps_each_tensors_bits(variant):
     sd = student_state()
     bits, per_channel, plan = quant.layout_of(variant, sd)
     assert plan and set(plan) == {f"cnn.{i}.3.weight" for i in range(1, 8)}
-    arrays = npz_round_trip(quant.encode(sd, bits, per_channel, plan))
-    meta = quant.json_of(arrays["meta"])
+    arrays = npz_round_trip(encode(sd, bits, per_channel, plan))
+    meta = qfile.json_of(arrays["meta"])
     assert {s["name"]: s["bits"] for s in meta["tensors"] if "bits" in s} == {n: plan.get(n, 8) for n, t in sd.items()
                                                                               if t.is_floating_point()}
-    assert_within_half_a_step(sd, quant.decode(arrays), lambda name: plan.get(name, 8), True)
-    uniform = quant.encode(sd, 8, True)
+    assert_within_half_a_step(sd, qfile.decode(arrays), lambda name: plan.get(name, 8), True)
+    uniform = encode(sd, 8, True)
     assert arrays["q"].nbytes < uniform["q"].nbytes * (int(variant[3]) / 8 + 0.1)
 
 
@@ -75,27 +81,27 @@ def test_the_course_layouts_are_unchanged():
     the code before this layout work wrote."""
     sd = student_state()
     for bits, expected in COURSE_ARRAYS_SHA1.items():
-        arrays, h = quant.encode(sd, bits), hashlib.sha1()
+        arrays, h = encode(sd, bits), hashlib.sha1()
         for k in sorted(arrays):
             h.update(k.encode())
             h.update(str(arrays[k].dtype).encode())
             h.update(arrays[k].tobytes())
         assert h.hexdigest() == expected, bits
-    arrays = quant.encode8(sd)
+    arrays = encode(sd, 8)
     assert arrays["lo"].dtype == np.float32 and arrays["q"].dtype == np.uint8
     w = sd["cnn.0.0.weight"].double().reshape(-1).numpy()
     lo, hi = np.float32(w.min()), np.float32(w.max())
     expected = np.rint((w - lo) / (np.float64(hi) - lo) * 255).astype(np.uint8)
     assert np.array_equal(arrays["q"][:w.size], expected)
-    assert quant.json_of(arrays["meta"])["bits"] == 8
+    assert qfile.json_of(arrays["meta"])["bits"] == 8
 
 
 def test_8_bit_defaults_and_16_bit():
     sd = student_state()
-    out = quant.decode8(npz_round_trip(quant.encode8(sd)))
+    out = qfile.decode(npz_round_trip(encode(sd, 8)))
     assert torch.all(out["cnn.1.1.running_var"] == 0.7)   # constant: no division by zero
     assert int(out["cnn.2.1.num_batches_tracked"]) == 1234
-    half = quant.decode16(npz_round_trip(quant.encode16(sd)))
+    half = qfile.decode(npz_round_trip(encode(sd, 16)))
     for name, x in sd.items():
         assert torch.equal(half[name], x.half().to(x.dtype) if x.is_floating_point() else x)
 
@@ -104,10 +110,10 @@ def test_files_load_without_pickle_and_rebuild_the_model(tmp_path):
     model = common.StudentNet(widths=[3, 4, 5, 6, 7, 8, 9, 10], num_classes=4).eval()
     sd = common.cpu_state_dict(model)
     path = tmp_path / "m.npz"
-    quant.save_quantized(path, quant.encode8(sd, per_channel=True), common.arch_of(model), {"norm": "imagenet"})
+    qfile.save_quantized(path, encode(sd, 8, True), common.arch_of(model), {"norm": "imagenet"})
     with np.load(path, allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
-    loaded, preprocess = quant.load_quantized(path)
+    loaded, preprocess, _ = common.load_model(path)
     assert loaded.widths == model.widths and preprocess == {"norm": "imagenet"}
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -119,26 +125,26 @@ def test_8_bit_file_is_at_most_0_27_of_the_fp32_checkpoint(tmp_path):
     common.save_checkpoint(tmp_path / "s.pt", model, {"norm": "imagenet"})
     for compressed in (False, True):
         path = tmp_path / f"s{compressed}.npz"
-        quant.save_quantized(path, quant.encode8(common.cpu_state_dict(model)), common.arch_of(model),
+        qfile.save_quantized(path, encode(common.cpu_state_dict(model), 8), common.arch_of(model),
                              {"norm": "imagenet"}, compressed=compressed)
         assert path.stat().st_size <= 0.27 * (tmp_path / "s.pt").stat().st_size
 
 
 def test_packed_codes_are_dense():
     codes = np.random.default_rng(0).integers(0, 64, 1000).astype(np.uint8)
-    packed = quant.pack_bits(codes, 6)
+    packed = qfile.pack_bits(codes, 6)
     assert len(packed) == 750
-    assert np.array_equal(quant.unpack_bits(packed, 6, 1000), codes)
+    assert np.array_equal(qfile.unpack_bits(packed, 6, 1000), codes)
 
 
 def test_a_damaged_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 nonsense")
-    with pytest.raises(common.UserError, match="not a quantized model file"):
-        quant.load_quantized(tmp_path / "bad.npz")
+    with pytest.raises(running.UserError, match="not a quantized model file"):
+        common.load_model(tmp_path / "bad.npz")
 
 
 def test_a_bad_variant_is_a_one_line_error():
-    with pytest.raises(common.UserError, match="qN, qNc or mixN"):
+    with pytest.raises(running.UserError, match="qN, qNc or mixN"):
         quant.parse_list("q4c,q9", "variants", quant.VARIANT_PATTERN)
 
 
@@ -154,9 +160,9 @@ def test_qat_as_evaluated_is_the_decoded_file(variant, tmp_path):
             m.running_var.uniform_(0.5, 2.0)
     fq = quant.FakeQuant(model, variant).eval()
     path = tmp_path / "m.npz"
-    quant.save_quantized(path, quant.encode(model.state_dict(), *quant.layout_of(variant, model.state_dict())),
+    qfile.save_quantized(path, quant.encode(model.state_dict(), variant),
                          common.arch_of(model), {"norm": "imagenet"})
-    decoded, _ = quant.load_quantized(path)
+    decoded = common.load_model(path)[0]
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         a, b = fq(x), decoded.eval()(x)
@@ -172,7 +178,7 @@ def test_a_short_qat_run_lowers_the_quantized_loss():
     def file_loss(m):
         """Cross-entropy of the model decoded from its 2-bit file (train-mode BatchNorm)."""
         decoded = common.StudentNet(widths=m.widths, num_classes=3)
-        decoded.load_state_dict(quant.decode(npz_round_trip(quant.encode(m.state_dict(), 2, True))))
+        decoded.load_state_dict(qfile.decode(npz_round_trip(encode(m.state_dict(), 2, True))))
         with torch.no_grad():
             return torch.nn.functional.cross_entropy(decoded.train()(x), y).item()
     before = file_loss(model)
@@ -195,26 +201,25 @@ def test_the_front_is_the_files_nothing_beats():
             self.acc = acc
     rows = [{"bytes": b, "val": S(a)} for b, a in [(100, 0.5), (200, 0.6), (150, 0.4), (300, 0.6), (50, 0.3)]]
     assert [r["front"] for r in quant.pareto(rows)] == ["*", "*", "", "", "*"]
-    assert quant.log_ticks(60_000, 1_100_000) == [50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000]
 
 
 def test_per_channel_ranges_fall_back_to_float32_beyond_float16():
     sd = student_state()
     sd["cnn.1.1.running_var"] = torch.full_like(sd["cnn.1.1.running_var"], 70000.0)
-    arrays = quant.encode(sd, 8, True)
+    arrays = encode(sd, 8, True)
     assert arrays["lo"].dtype == np.float32
-    out = quant.decode(npz_round_trip(arrays))
+    out = qfile.decode(npz_round_trip(arrays))
     assert torch.all(out["cnn.1.1.running_var"] == 70000.0)
-    assert quant.encode(student_state(), 8, True)["lo"].dtype == np.float16
+    assert encode(student_state(), 8, True)["lo"].dtype == np.float16
 
 
 def test_qat_on_a_channels_last_model_is_still_the_decoded_file(tmp_path):
     torch.manual_seed(4)
     model = common.StudentNet(widths=[6, 8, 10, 12, 14, 16, 18, 20], num_classes=5)
     fq = common.prepare(quant.FakeQuant(model, "mix3"), torch.device("cpu")).eval()  # as fit() holds it
-    arrays = quant.encode(common.cpu_state_dict(fq), *quant.layout_of("mix3", fq.state_dict()))
+    arrays = quant.encode(common.cpu_state_dict(fq), "mix3")
     decoded = common.StudentNet(widths=model.widths, num_classes=5)
-    decoded.load_state_dict(quant.decode(npz_round_trip(arrays)))
+    decoded.load_state_dict(qfile.decode(npz_round_trip(arrays)))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(fq(x), decoded.eval()(x), atol=1e-5, rtol=0)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import common
-from conftest import FAST, load_script, run_script, snapshot, start, wait_for
+from support import files, images, plots, running, settings
+from conftest import FAST, load_script, overridden, run_script, snapshot, start, wait_for
 
 
 def assert_untouched(before, folder):
@@ -64,12 +65,12 @@ def test_a_failed_rerun_leaves_them_too(finished):
 
 def test_a_finished_run_replaces_files_and_records_together(finished):
     ck, args = finished
-    old = {r["model"]: r for r in common.read_results(ck)}["student_kd"]
+    old = {r["model"]: r for r in files.read_results(ck)}["student_kd"]
     proc = run_script("02_distill.py", *args, "--epochs=1", "--seed=5")
     assert proc.returncode == 0, proc.stderr
-    new = {r["model"]: r for r in common.read_results(ck)}["student_kd"]
+    new = {r["model"]: r for r in files.read_results(ck)}["student_kd"]
     assert new["seed"] == 5 and old["seed"] == 0
-    assert new["bytes"] == common.file_bytes(ck / "student_kd.pt")
+    assert new["bytes"] == files.file_bytes(ck / "student_kd.pt")
     assert not list(ck.glob("*.new")) and not list(ck.glob("*.resume.pt"))
     assert f"wrote {ck / 'student_kd.pt'}, {ck / 'results.json'}" in proc.stdout
 
@@ -112,12 +113,12 @@ def interrupt_inside(monkeypatch, owner, name, midway=False):
 
 
 MOMENTS = {
-    "decoding": ("01_architecture.py", lambda m: (common, "decode_image"), ["--epochs=1", "--bench=False"]),
+    "decoding": ("01_architecture.py", lambda m: (images, "decode_image"), ["--epochs=1", "--bench=False"]),
     "benchmark": ("01_architecture.py", lambda m: (m, "cpu_speed"), ["--epochs=1"]),
     "training": ("01_architecture.py", lambda m: (common, "train_epoch"), ["--epochs=1", "--bench=False"]),
     "evaluation": ("02_distill.py", lambda m: (common, "evaluate"), ["--epochs=1"]),
     "quantizing": ("04_quantize.py", lambda m: (m, "encode"), []),
-    "writing": ("04_quantize.py", lambda m: (common, "atomic_write"), []),
+    "writing": ("04_quantize.py", lambda m: (files, "atomic_write"), []),
 }
 
 
@@ -127,10 +128,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_loses_nothing(finished, monkeypatc
     script, target, extra = MOMENTS[moment]
     module = load_script(script)
     interrupt_inside(monkeypatch, *target(module), midway=moment == "writing")
-    monkeypatch.setattr(sys, "argv", [script, *args, f"--cache_dir={tmp_path / 'fresh-cache'}", *extra])
+    monkeypatch.setattr(sys, "argv", [script, *overridden([*args, f"--cache_dir={tmp_path / 'fresh-cache'}", *extra])])
     before = snapshot(ck)
     with pytest.raises(SystemExit) as stop:
-        common.run(module.main)
+        running.run(module.main)
     assert stop.value.code == 130
     assert_one_line(capsys.readouterr().err)
     assert_untouched(before, ck)
@@ -197,11 +198,11 @@ def test_bad_settings_and_missing_inputs_stop_before_any_work(tmp_path, script, 
     ck = tmp_path / "ck"
     ck.mkdir()
     if "from_scratch" in " ".join(extra) or "teacher_resnet18.json" in message:
-        torch.save(common.make_teacher(11).state_dict(), ck / common.TEACHER_FILE)
+        torch.save(common.make_teacher(11).state_dict(), ck / files.TEACHER_FILE)
     if "teacher_resnet18.json" in message:
         (ck / "teacher_resnet18.json").write_text("{")
     if "results.json" in message:
-        (ck / common.RESULTS).write_text('{"not": "a list"}')
+        (ck / files.RESULTS).write_text('{"not": "a list"}')
     proc = run_script(script, f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}", *extra)  # default data
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert proc.stdout == ""  # no notice, no data line: nothing before the error
@@ -211,10 +212,10 @@ def test_bad_settings_and_missing_inputs_stop_before_any_work(tmp_path, script, 
 # --- saying where things went -----------------------------------------------------------------
 
 def test_the_sample_notice_is_one_line_printed_once(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(common, "REPO", tmp_path)
-    settings = {"data_dir": common.DEFAULT_DATA_DIR, "img_size": 224, "resize": 0, "epochs": 40,
-                "cache_dir": ""}
-    cfg = common.configure(settings, [])
+    monkeypatch.setattr(settings, "REPO", tmp_path)
+    script = {"data_dir": settings.DEFAULT_DATA_DIR, "img_size": 224, "resize": 0, "epochs": 40,
+              "cache_dir": ""}
+    cfg = settings.configure(script, [])
     common.data_for(cfg, splits=("training", "validation"))
     out = capsys.readouterr().out
     notices = [line for line in out.splitlines() if line.startswith("notice:")]
@@ -227,9 +228,9 @@ def test_the_byte_column_of_01_is_the_file_it_writes(sample_root, tmp_path):
                       f"--cache_dir={tmp_path / 'cache'}", *FAST, "--epochs=1")
     assert proc.returncode == 0, proc.stderr
     row = re.search(r"^student\s+([\d,]+)\s+([\d,]+)", proc.stdout, flags=re.M)
-    assert int(row.group(2).replace(",", "")) == common.file_bytes(ck / "student_scratch.pt")
-    record = {r["model"]: r for r in common.read_results(ck)}["student_scratch"]
-    assert record["bytes"] == common.file_bytes(ck / "student_scratch.pt")
+    assert int(row.group(2).replace(",", "")) == files.file_bytes(ck / "student_scratch.pt")
+    record = {r["model"]: r for r in files.read_results(ck)}["student_scratch"]
+    assert record["bytes"] == files.file_bytes(ck / "student_scratch.pt")
     assert "cpu ms @1 (median, min-max of 11)" in proc.stdout
 
 
@@ -245,40 +246,35 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path):
 
     def no_space(f):
         raise OSError(28, "No space left on device")
-    with pytest.raises(common.UserError, match="could not be written \\(No space left on device\\)"):
-        common.atomic_write(path, no_space)
+    with pytest.raises(running.UserError, match="could not be written \\(No space left on device\\)"):
+        files.atomic_write(path, no_space)
     assert path.read_bytes() == b"the good model" and list(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.parametrize("content", [b"[1, 2]", b'{"model": "x"}', b"\xff\xfe not text", b"[{}]"])
 def test_a_damaged_results_log_is_one_line(tmp_path, content):
-    (tmp_path / common.RESULTS).write_bytes(content)
-    with pytest.raises(common.UserError, match="damaged results log"):
-        common.read_results(tmp_path)
-
-
-def test_plot_ticks_are_round_numbers():
-    assert common.nice_ticks(0.43, 0.61) == [0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
-    assert common.nice_ticks(0, 270_000) == [0, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000]
+    (tmp_path / files.RESULTS).write_bytes(content)
+    with pytest.raises(running.UserError, match="damaged results log"):
+        files.read_results(tmp_path)
 
 
 def test_publish_replaces_nothing_when_an_output_cannot_be_replaced(tmp_path):
     for name in ("a.pt", "b.pt"):
         (tmp_path / name).write_bytes(b"old " + name.encode())
-        common.new_path(tmp_path / name).write_bytes(b"new " + name.encode())
+        files.new_path(tmp_path / name).write_bytes(b"new " + name.encode())
     (tmp_path / "c.pt").mkdir()  # a folder where an output should go
-    common.new_path(tmp_path / "c.pt").write_bytes(b"new c")
-    with pytest.raises(common.UserError, match="is a folder"):
-        common.publish(tmp_path, [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"])
+    files.new_path(tmp_path / "c.pt").write_bytes(b"new c")
+    with pytest.raises(running.UserError, match="is a folder"):
+        files.publish(tmp_path, [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"])
     assert (tmp_path / "a.pt").read_bytes() == b"old a.pt" and (tmp_path / "b.pt").read_bytes() == b"old b.pt"
-    assert not (tmp_path / common.RESULTS).exists()
+    assert not (tmp_path / files.RESULTS).exists()
 
 
 def test_ctrl_c_waits_for_the_swap_even_when_another_thread_gets_it():
     import threading
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with common.signals_deferred():
+        with running.signals_deferred():
             worker = threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGINT))
             worker.start()
             worker.join()
@@ -290,10 +286,10 @@ def test_ctrl_c_waits_for_the_swap_even_when_another_thread_gets_it():
 
 def test_a_damaged_image_cache_is_decoded_again(sample_root, tmp_path, capsys):
     cache = tmp_path / "cache"
-    first = common.load_split(sample_root, "validation", 18, cache_dir=cache)
+    first = images.load_split(sample_root, "validation", 18, cache_dir=cache)
     [path] = cache.glob("*validation*.npz")
     path.write_bytes(path.read_bytes()[:100])
-    again = common.load_split(sample_root, "validation", 18, cache_dir=cache)
+    again = images.load_split(sample_root, "validation", 18, cache_dir=cache)
     assert torch.equal(first.images, again.images) and "damaged cache" in capsys.readouterr().err
 
 
@@ -302,13 +298,12 @@ def test_an_unreadable_classes_txt_is_one_line(sample_root, tmp_path, make_bad):
     root = tmp_path / "food"
     shutil.copytree(sample_root, root)
     make_bad(root / "classes.txt")
-    with pytest.raises(common.UserError, match="classes.txt: cannot be read"):
+    with pytest.raises(running.UserError, match="classes.txt: cannot be read"):
         common.load_data(root, 18)
 
 
 def test_the_plot_survives_rounds_that_all_score_the_same(tmp_path):
-    prune = load_script("03_prune.py")
-    rows = [{"keep": k, "params": 1000 * k, "bytes": 4000 * k, "acc_before": 1.0, "acc_after": 1.0}
-            for k in (0.8, 0.64)]
-    prune.plot_rounds(tmp_path / "p.png", rows, {"params": 1000, "bytes": 4000, "acc": 1.0})
+    rows = [{"keep": k, "params": 1000 * k, "bytes": 4000 * k, "acc_before": 1.0, "acc_after": 1.0,
+             "ci_after": (0.8, 1.0)} for k in (0.8, 0.64)]
+    plots.plot_rounds(tmp_path / "p.png", rows, {"params": 1000, "bytes": 4000, "acc": 1.0})
     assert (tmp_path / "p.png").stat().st_size > 1000

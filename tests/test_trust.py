@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+from support.resume import Resumable
+from support import files, images, reports, running, settings, stats
 from conftest import load_script
 
 prune = load_script("03_prune.py")
@@ -42,7 +44,7 @@ def test_the_selection_split_is_stratified_disjoint_and_deterministic(tmp_path):
         assert torch.equal(data.select.images[i], common.load_data(root, 12).train.images[j])
     again = common.load_data(root, 12, select_fraction=0.2)
     assert again.select.names == data.select.names
-    assert data.selection == {"select_fraction": 0.2, "select_key": common.names_key(data.select.names)}
+    assert data.selection == {"select_fraction": 0.2, "select_key": images.names_key(data.select.names)}
     write(root / "training" / "0_99.jpg", np.zeros((20, 24, 3), np.uint8))  # one more file in class 0
     grown = common.load_data(root, 12, select_fraction=0.2)
     assert [n for n in grown.select.names if not n.startswith("0_")] == \
@@ -57,7 +59,7 @@ def test_select_fraction_zero_chooses_on_validation_and_says_so(tmp_path):
 
 def test_a_class_with_one_image_keeps_it_for_training(tmp_path):
     root = labeled_root(tmp_path / "food", per_class=1)
-    with pytest.raises(common.UserError, match="--select_fraction=0"):
+    with pytest.raises(running.UserError, match="--select_fraction=0"):
         common.load_data(root, 12, select_fraction=0.1)
 
 
@@ -67,8 +69,6 @@ def test_validation_chooses_nothing(tmp_path, monkeypatch):
     evaluate = common.evaluate
     monkeypatch.setattr(common, "evaluate", lambda m, images, *a: seen.append(images) or evaluate(m, images, *a))
     root = labeled_root(tmp_path / "food", per_class=6)
-    cfg = common.Settings({"epochs": 3, "batch_size": 6, "lr": 3e-3, "img_size": 16, "resize": 16,
-                           "seed": 0, "device": "cpu"})
     saved = []
     for flip in (False, True):
         data = common.load_data(root, 16, select_fraction=0.34)
@@ -76,8 +76,10 @@ def test_validation_chooses_nothing(tmp_path, monkeypatch):
             data.val.labels = (data.val.labels + 1) % 3
         torch.manual_seed(0)
         path = tmp_path / f"m{flip}.pt"
-        common.fit(common.StudentNet(num_classes=3), data, cfg, path)
-        saved.append(torch.load(common.new_path(path), weights_only=True)["state_dict"])
+        common.fit(common.StudentNet(num_classes=3), data, common.cross_entropy(), epochs=3, lr=3e-3, batch_size=6,
+                   augment=common.Augment(16), norm="imagenet", device=torch.device("cpu"),
+                   out=Resumable(path, {}))
+        saved.append(torch.load(files.new_path(path), weights_only=True)["state_dict"])
         assert len(seen) == 3 and all(images is data.select.images for images in seen)
         seen.clear()
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
@@ -92,45 +94,45 @@ def test_the_pruning_round_is_chosen_on_selection_not_validation():
 # --- intervals and paired tests ---------------------------------------------------------------
 
 def test_wilson_interval_matches_the_textbook_value():
-    score = common.Score([True] * 45 + [False] * 5)
+    score = stats.Score([True] * 45 + [False] * 5)
     lo, hi = score.interval()
     assert (round(lo, 4), round(hi, 4)) == (0.7864, 0.9565)
     assert str(score) == "0.9000 [0.786, 0.957]"
-    lo, hi = common.Score([True] * 10).interval()
+    lo, hi = stats.Score([True] * 10).interval()
     assert hi == pytest.approx(1.0) and 0.69 < lo < 0.73  # no [1, 1] for a perfect score
-    assert str(common.Score([False] * 10)) == "0.0000 [0.000, 0.278]"
+    assert str(stats.Score([False] * 10)) == "0.0000 [0.000, 0.278]"
 
 
 def test_exact_mcnemar_p():
-    assert common.mcnemar_p(0, 6) == 2 / 64
-    assert common.mcnemar_p(1, 9) == 2 * (1 + 10) / 1024
-    assert common.mcnemar_p(3, 3) == 1.0 and common.mcnemar_p(0, 0) == 1.0
-    assert common.mcnemar_p(40, 60) == pytest.approx(0.0569, abs=1e-4)  # a textbook case
+    assert stats.mcnemar_p(0, 6) == 2 / 64
+    assert stats.mcnemar_p(1, 9) == 2 * (1 + 10) / 1024
+    assert stats.mcnemar_p(3, 3) == 1.0 and stats.mcnemar_p(0, 0) == 1.0
+    assert stats.mcnemar_p(40, 60) == pytest.approx(0.0569, abs=1e-4)  # a textbook case
 
 
 def test_paired_difference_interval_and_counts():
     a = np.array([True] * 300 + [True] * 10 + [False] * 30 + [False] * 60)
     b = np.array([True] * 300 + [False] * 10 + [True] * 30 + [False] * 60)
-    d = common.paired(common.Score(a, "k"), common.Score(b, "k"))
+    d = stats.paired(stats.Score(a, "k"), stats.Score(b, "k"))
     assert d["diff"] == pytest.approx(20 / 400) and (d["only_a"], d["only_b"]) == (10, 30)
     lo, hi = d["ci"]
     se = math.sqrt(40 - 20 ** 2 / 400) / 400  # the textbook paired standard error
     assert lo == pytest.approx(0.05 - 1.96 * se, abs=0.006) and hi == pytest.approx(0.05 + 1.96 * se, abs=0.006)
-    assert d["p"] == common.mcnemar_p(10, 30) < 0.01
+    assert d["p"] == stats.mcnemar_p(10, 30) < 0.01
     with pytest.raises(ValueError):
-        common.paired(common.Score(a, "k"), common.Score(b, "other images"))
+        stats.paired(stats.Score(a, "k"), stats.Score(b, "other images"))
 
 
 def test_per_image_correctness_round_trips_through_the_results_log(tmp_path):
     rng = np.random.default_rng(1)
-    score = common.Score(rng.random(751) < 0.6, "key")
+    score = stats.Score(rng.random(751) < 0.6, "key")
     path = tmp_path / "m.pt"
     model = common.StudentNet(widths=[4] * 8, num_classes=3)
     common.save_checkpoint(path, model, {"norm": "imagenet"})
-    common.publish(tmp_path, records=[common.model_record("1 architecture", "m", model, path, score, 16)])
-    back = common.recorded_score(common.read_results(tmp_path)[0])
+    files.publish(tmp_path, records=[common.model_record("1 architecture", "m", model, path, score, 16)])
+    back = reports.recorded_score(files.read_results(tmp_path)[0])
     assert np.array_equal(back.correct, score.correct) and back.key == "key"
-    assert common.read_results(tmp_path)[0]["val_ci"] == [round(v, 4) for v in score.interval()]
+    assert files.read_results(tmp_path)[0]["val_ci"] == [round(v, 4) for v in score.interval()]
 
 
 def test_evaluation_is_plain_fp32_on_cuda_too():
@@ -211,16 +213,16 @@ def test_a_crop_size_given_to_04_is_the_one_it_evaluates(pipeline, tmp_path, mon
     argv = [a for a in args if not a.startswith(("--img_size", "--resize", "--ckpt_dir"))]
     monkeypatch.setattr(sys, "argv", ["04_quantize.py", *argv, f"--ckpt_dir={work}", "--variants=fp16",
                                       "--img_size=17"])
-    common.run(load_script("04_quantize.py").main)
+    running.run(load_script("04_quantize.py").main)
     assert seen == {(19, 17)}  # stored at round(17 * 8/7), cropped at 17, for every model and file
 
 
 # --- the course's submission format -----------------------------------------------------------
 
 def test_predictions_use_integer_ids_in_order_and_keep_unreadable_rows(tmp_path):
-    split = common.Split(torch.zeros(4, 2, 2, 3, dtype=torch.uint8), torch.full((4,), -1),
+    split = images.Split(torch.zeros(4, 2, 2, 3, dtype=torch.uint8), torch.full((4,), -1),
                          ["0002.jpg", "0000.jpg", "0010.jpg", "0001.jpg"], unreadable=["0010.jpg"])
-    count, unreadable = common.write_predictions(tmp_path / "p.csv", split, torch.tensor([5, 6, 7, 8]))
+    count, unreadable = reports.write_predictions(tmp_path / "p.csv", split, torch.tensor([5, 6, 7, 8]))
     assert (count, unreadable) == (4, 1)
     assert (tmp_path / "p.csv").read_text() == "Id,Category\n0,6\n1,8\n2,5\n10,0\n"
 
@@ -234,7 +236,7 @@ def test_an_unreadable_test_image_keeps_its_row_with_one_warning(tmp_path, capsy
         test = common.load_data(root, 12, cache_dir=tmp_path / "cache").test
         assert test.names == ["0000.jpg", "0001.jpg", "0002.jpg"] and test.unreadable == ["0001.jpg"]
     assert "0001.jpg" not in capsys.readouterr().err  # said once, where its row is written:
-    assert common.write_predictions(tmp_path / "p.csv", test, torch.tensor([4, 5, 6])) == (3, 1)
+    assert reports.write_predictions(tmp_path / "p.csv", test, torch.tensor([4, 5, 6])) == (3, 1)
     assert capsys.readouterr().err.count("0001.jpg") == 1
     assert (tmp_path / "p.csv").read_text() == "Id,Category\n0,4\n1,0\n2,6\n"
 
@@ -252,7 +254,7 @@ def test_a_jpeg_with_trailing_bytes_decodes_and_a_truncated_one_does_not(tmp_pat
     trailers = [b"\x00camera maker notes" * 20, b"\xff\xda\x11" * 50, b"\xff\xd9\xff\xda" + bytes(300)]
     for i, trailer in enumerate(trailers):
         (tmp_path / f"trailing{i}.jpg").write_bytes(whole + trailer)
-        assert common.decode_image(tmp_path / f"trailing{i}.jpg", 16).shape == (16, 16, 3)
+        assert images.decode_image(tmp_path / f"trailing{i}.jpg", 16).shape == (16, 16, 3)
     for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 2, len(whole) - 1):
         (tmp_path / "cut.jpg").write_bytes(whole[:cut])
-        assert common.decode_image(tmp_path / "cut.jpg", 16) is None, cut
+        assert images.decode_image(tmp_path / "cut.jpg", 16) is None, cut

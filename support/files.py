@@ -1,0 +1,193 @@
+"""Files: written through a temporary file and a rename, published together when a run
+finishes, loaded without pickle; the results log; the teacher file and its note."""
+import hashlib
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from support.running import UserError, interrupted_inside, mark_published, signals_deferred
+
+RESULTS = "results.json"
+TEACHER_FILE = "teacher_resnet18.bin"
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Write through write(file) into a temporary file beside `path`, then rename it. A full
+    disk or a vanished folder is one clear line, and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if interrupted_inside(e):  # Ctrl-C inside torch.save: an interruption, not a full disk
+            raise KeyboardInterrupt from None
+        reason = getattr(e, "strerror", None) or "the write failed; is the disk full?"
+        raise UserError(f"{path}: could not be written ({reason}); it is as it was before") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json(path, obj):
+    text = json.dumps(obj, indent=1).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def new_path(path):
+    """Where a run keeps a new output until it finishes: `<name>.new` beside `<name>`."""
+    return Path(path).with_name(Path(path).name + ".new")
+
+
+def publish(ckpt_dir, outputs=(), records=(), finished=()):
+    """The end of a completed run: each output's `.new` file replaces it, and the results log
+    takes the run's records, together (Ctrl-C waits until both are done). `finished`: files of
+    the run (resumable states) to remove afterwards. Returns the paths written."""
+    ckpt_dir = Path(ckpt_dir)
+    targets = [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
+    twice = sorted({p.name for p in targets if targets.count(p) > 1})
+    if twice:
+        raise UserError(f"{', '.join(twice)}: two outputs of this run share the name; nothing was replaced")
+    names = {r["model"] for r in records}
+    rows = [r for r in read_results(ckpt_dir) if r["model"] not in names] + list(records)
+    atomic_json(new_path(ckpt_dir / RESULTS), rows)
+    for path in targets:  # what would stop a swap halfway is found first
+        if path.is_dir() or not new_path(path).is_file():
+            raise UserError(f"{path}: is a folder, or its new version is missing; nothing was replaced")
+    with signals_deferred():
+        for path in targets:
+            os.replace(new_path(path), path)
+        mark_published()
+    for path in finished:
+        Path(path).unlink(missing_ok=True)
+    return targets
+
+
+def say_written(paths):
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def ensure_writable(folder):
+    """Fail now, not after an hour of training, if checkpoints or their log cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write checkpoints here ({e.strerror}); "
+                        "choose another --ckpt_dir") from None
+    read_results(folder)  # a damaged results log is said now, not after the run
+    return folder
+
+
+def read_results(ckpt_dir):
+    """The results log: one record (a dict) per model, every stage's."""
+    path = Path(ckpt_dir) / RESULTS
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+        raise UserError(f"{path}: damaged results log; delete it and rerun the stages")
+    return rows
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def require(path, made_by):
+    """Fail before any work when a stage's input file is missing."""
+    if not Path(path).exists():
+        raise UserError(f"{path}: not found; run {made_by} first")
+
+
+def torch_load(path, made_by=None):
+    """torch.load with weights_only=True, every failure turned into one clear line."""
+    path = Path(path)
+    if not path.exists():
+        hint = f"; run {made_by} first" if made_by else ""
+        raise UserError(f"{path}: not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{path}: refused, it holds Python objects beyond weights and "
+                            "loading it could run code") from None
+        raise UserError(f"{path}: damaged or not a PyTorch file ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: damaged or not a PyTorch file ({msg})") from None
+
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    return h.hexdigest()
+
+
+def file_bytes(path):
+    return Path(path).stat().st_size
+
+
+def saved_bytes(obj):
+    """The size of the file torch.save would write for obj."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+# ---- the teacher file and its note --------------------------------------------------------------
+
+def teacher_note_path(ckpt_dir):
+    return (Path(ckpt_dir) / TEACHER_FILE).with_suffix(".json")
+
+
+def save_teacher(ckpt_dir, state_dict, norm, metrics):
+    """The course's format (a plain state_dict) plus a JSON note of its preprocessing, both as
+    `.new` files for publish(). Returns the two paths to publish."""
+    path, note_path = Path(ckpt_dir) / TEACHER_FILE, teacher_note_path(ckpt_dir)
+    atomic_torch_save(state_dict, new_path(path))
+    atomic_json(new_path(note_path), {"norm": norm, "sha1": file_sha1(new_path(path)), **metrics})
+    return [path, note_path]
+
+
+def teacher_note(ckpt_dir):
+    """The note 00_teacher.py wrote beside the teacher file, if it is there and still about that
+    file (its SHA-1); else None. Read before any work, so a damaged note stops nothing late."""
+    path, note_path = Path(ckpt_dir) / TEACHER_FILE, teacher_note_path(ckpt_dir)
+    if not note_path.exists() or not path.exists():
+        return None
+    try:
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        norm, sha1 = note["norm"], note.get("sha1")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{note_path}: damaged; delete it and give --teacher_norm") from None
+    if norm not in ("imagenet", "none"):
+        raise UserError(f"{note_path}: norm {norm!r} is neither imagenet nor none; fix or delete it")
+    return note if sha1 == file_sha1(path) else None
+
+
+def teacher_norm_of(ckpt_dir, teacher_norm):
+    """The teacher's input normalisation: its note's, else the teacher_norm setting."""
+    note = teacher_note(ckpt_dir)
+    return note["norm"] if note else teacher_norm

@@ -1,0 +1,73 @@
+"""The two figures: validation accuracy of the pruning rounds against their size (03), and every
+file's accuracy against its bytes (04). matplotlib, drawn off screen (Agg)."""
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from support import files  # noqa: E402
+
+BLUE, GREY, RED = "#1f5fbf", "#9a9a9a", "#d62728"
+
+
+def save_png(path, fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    files.atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def label_points(ax, points, texts):
+    """Labels beside points, alternately above and below, so neighbours do not overlap."""
+    for i, ((x, y), text) in enumerate(sorted(zip(points, texts))):
+        ax.annotate(text, (x, y), xytext=(6, 7 if i % 2 == 0 else -13), textcoords="offset points", fontsize=8)
+
+
+def plot_rounds(path, rows, kd):
+    """Two panels, validation accuracy against parameters and against file bytes (log scales):
+    each round just pruned and after fine-tuning (with its 95% interval), and student_kd.
+    rows: {keep, params, bytes, acc_before, acc_after, ci_after}; kd: {params, bytes, acc}."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout="constrained")
+    for ax, (key, title) in zip(axes, (("params", "parameters"), ("bytes", "file bytes (.pt)"))):
+        xs = [r[key] for r in rows]
+        ax.scatter(xs, [r["acc_before"] for r in rows], facecolors="none", edgecolors=GREY, label="just pruned")
+        after = [r["acc_after"] for r in rows]
+        errors = [[a - r["ci_after"][0] for a, r in zip(after, rows)], [r["ci_after"][1] - a for a, r in zip(after, rows)]]
+        ax.errorbar(xs, after, yerr=errors, fmt="o", color=BLUE, capsize=3, label="after fine-tuning (95% CI)")
+        ax.scatter([kd[key]], [kd["acc"]], marker="*", s=160, color=RED, zorder=3, label="student_kd")
+        label_points(ax, list(zip(xs, after)), [f"keep {r['keep']:.2f}" for r in rows])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_minor_formatter(EngFormatter(sep=""))
+        ax.set_xlabel(f"{title} (log scale)")
+        ax.set_title(f"validation accuracy vs {title}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[0].legend(loc="lower right", fontsize=8)
+    save_png(path, fig)
+
+
+def plot_frontier(path, files, kd_acc, final):
+    """Validation accuracy against file bytes (log scale): every file, the front (no smaller
+    file is as accurate) joined and labelled, the final file ringed, student_kd's accuracy a line.
+    files: {bytes, acc, label, front}; final: one of them."""
+    fig, ax = plt.subplots(figsize=(9, 5.6), layout="constrained")
+    front = sorted((f for f in files if f["front"]), key=lambda f: f["bytes"])
+    rest = [f for f in files if not f["front"]]
+    ax.scatter([f["bytes"] for f in rest], [f["acc"] for f in rest], color=GREY, s=20, label="other files")
+    ax.plot([f["bytes"] for f in front], [f["acc"] for f in front], "o-", color=BLUE, label="the front")
+    label_points(ax, [(f["bytes"], f["acc"]) for f in front], [f["label"] for f in front])
+    ax.axhline(kd_acc, color=RED, linestyle="--", linewidth=1, label=f"student_kd ({kd_acc:.3f})")
+    ax.scatter([final["bytes"]], [final["acc"]], s=220, facecolors="none", edgecolors=RED, linewidths=2,
+               label=f"final file: {final['label']}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_xlabel("file bytes (log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("every file: validation accuracy vs bytes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    save_png(path, fig)

@@ -1,0 +1,1 @@
+"""Presets: plain files of assignments, each filling in the settings a user left alone."""

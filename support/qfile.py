@@ -1,0 +1,162 @@
+"""The quantized file format: a state_dict as a few flat numpy arrays and a JSON description
+(.npz, read with allow_pickle=False). Integer buffers as they are; floating tensors as float16,
+or as b-bit codes (bit-packed) with a [lo, hi] range per tensor or per output channel, each
+decoding to q / (2^b - 1) * (hi - lo) + lo. The description carries the model's arch and
+preprocessing, so a file loads without being told the shape."""
+import json
+import math
+import zipfile
+
+import numpy as np
+import torch
+
+from support import files
+from support.running import UserError
+
+
+def encode(state_dict, bits, per_channel=False, plan=None, *, quantize):
+    """Arrays for np.savez: 'meta' (JSON), 'ints' (integer buffers as they are), and either
+    'f16' (bits=16) or 'q' (min-max codes, bit-packed) with 'lo'/'hi' (the ranges).
+
+    per_channel: a range per output channel (row) of every tensor of 2 or more dimensions,
+    stored as float16 (a float32 pair per row would cost more than 4-bit codes save); per
+    tensor the ranges stay float32, as the course's files have them. plan: {name: bits} makes
+    a mixed layout, each tensor at its own width (the others at `bits`), each recorded.
+    quantize(x, bits, per_channel, range_dtype) -> (codes, lo, hi): the rule that makes the
+    codes (04_quantize.py's min-max rule); this file only stores them."""
+    if not (bits == 16 or 1 <= bits <= 8) or (plan and (bits == 16 or not all(1 <= b <= 8 for b in plan.values()))):
+        raise ValueError(f"bits must be 16 or 1..8, got {bits}" + (f" and {sorted(set(plan.values()))}" if plan else ""))
+    range_dtype = ranges_dtype(state_dict.values(), per_channel)
+    specs, ints, floats, codes, los, his = [], [], [], [], [], []
+    for name, t in state_dict.items():
+        x = t.detach().cpu()
+        spec = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if not x.is_floating_point():
+            spec["store"] = "ints"
+            ints.append(x.reshape(-1).to(torch.int64).numpy())
+        elif bits == 16:
+            spec["store"] = "f16"
+            floats.append(x.reshape(-1).to(torch.float16).numpy())
+        else:
+            spec["store"] = "q"
+            b = plan.get(name, bits) if plan else bits
+            q, lo, hi = quantize(x, b, per_channel and x.ndim >= 2, range_dtype)
+            q = q.to(torch.uint8).reshape(-1).numpy()
+            codes.append(pack_bits(q, b) if plan else q)
+            los.append(lo.numpy())
+            his.append(hi.numpy())
+            if plan:
+                spec["bits"] = b
+        specs.append(spec)
+    meta = {"bits": "mixed" if plan else bits, "per_channel": per_channel, "tensors": specs}
+    arrays = {"ints": concat(ints, np.int64)}
+    if bits == 16:
+        arrays["f16"] = concat(floats, np.float16)
+    else:
+        arrays["q"] = concat(codes, np.uint8) if plan else pack_bits(concat(codes, np.uint8), bits)
+        dtype = np.float16 if range_dtype == torch.float16 else np.float32
+        arrays["lo"], arrays["hi"] = concat(los, dtype), concat(his, dtype)
+    arrays["meta"] = json_array(meta)
+    return arrays
+
+
+def ranges_dtype(tensors, per_channel):
+    """How a file stores its ranges: float16 per channel (float32 pairs would cost a fifth of a
+    4-bit file), unless a value lies beyond float16's range; float32 per tensor, as the course's."""
+    big = any(t.is_floating_point() and t.numel() and t.detach().abs().max() > 65504 for t in tensors)
+    return torch.float16 if per_channel and not big else torch.float32
+
+
+def json_array(obj):
+    """JSON as UTF-8 bytes: a unicode array would spend 4 bytes a character."""
+    return np.frombuffer(json.dumps(obj, separators=(",", ":")).encode(), dtype=np.uint8)
+
+
+def json_of(array):
+    return json.loads(array.tobytes().decode())
+
+
+def dequantize(q, lo, hi, bits, shape, dtype=torch.float32):
+    """The values codes q (rows x n, float64) stand for: q / (2^bits - 1) * (hi - lo) + lo."""
+    lo64, hi64 = lo.double()[:, None], hi.double()[:, None]
+    return (q / (2 ** bits - 1) * (hi64 - lo64) + lo64).to(dtype).reshape(shape)
+
+
+def decode(arrays):
+    """The state_dict of encode(): codes back to floats, float16 back to float32."""
+    meta = json_of(arrays["meta"])
+    mixed, per_channel = meta["bits"] == "mixed", meta["per_channel"]
+    specs = meta["tensors"]
+    if not mixed:
+        q_count = sum(math.prod(s["shape"]) for s in specs if s["store"] == "q")
+        codes = unpack_bits(arrays["q"], meta["bits"], q_count) if q_count else None
+    offsets = {"ints": 0, "f16": 0, "q": 0, "range": 0}
+    sd = {}
+    for s in specs:
+        n, shape, store = math.prod(s["shape"]), s["shape"], s["store"]
+        dtype = getattr(torch, s["dtype"])
+        start = offsets[store]
+        if store == "ints":
+            offsets[store] += n
+            sd[s["name"]] = torch.from_numpy(arrays["ints"][start:start + n].copy()).to(dtype).reshape(shape)
+            continue
+        if store == "f16":
+            offsets[store] += n
+            sd[s["name"]] = torch.from_numpy(arrays["f16"][start:start + n].astype(np.float32)).to(dtype).reshape(shape)
+            continue
+        bits = s["bits"] if mixed else meta["bits"]
+        if mixed:  # each tensor's codes packed on their own
+            offsets[store] += math.ceil(n * bits / 8)
+            q = unpack_bits(arrays["q"][start:offsets[store]], bits, n)
+        else:
+            offsets[store] += n
+            q = codes[start:start + n]
+        rows = shape[0] if per_channel and len(shape) >= 2 else 1
+        r = offsets["range"]
+        offsets["range"] += rows
+        lo, hi = (torch.from_numpy(arrays[k][r:r + rows].copy()) for k in ("lo", "hi"))
+        sd[s["name"]] = dequantize(torch.from_numpy(q.astype(np.float64)).reshape(rows, -1), lo, hi, bits, shape, dtype)
+    return sd
+
+
+def concat(parts, dtype):
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def pack_bits(codes, bits):
+    """Codes of `bits` bits each into a dense byte string (8-bit codes stay as they are)."""
+    if bits == 8:
+        return codes
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
+    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+
+
+def unpack_bits(packed, bits, count):
+    if bits == 8:
+        return packed[:count]
+    bitmat = np.unpackbits(packed, count=count * bits).reshape(count, bits)
+    return bitmat.astype(np.uint16) @ (1 << np.arange(bits - 1, -1, -1)).astype(np.uint16)
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def save_quantized(path, arrays, arch, preprocess, compressed=False):
+    meta = {**json_of(arrays["meta"]), "arch": arch, "preprocess": preprocess}
+    arrays = {**arrays, "meta": json_array(meta)}
+    save = np.savez_compressed if compressed else np.savez
+    files.atomic_write(path, lambda f: save(f, **arrays))
+
+
+def read_quantized(path, build):
+    """(model, meta) from a quantized .npz, without pickle; build(arch) makes the empty model."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json_of(arrays["meta"])
+        model = build(meta["arch"])
+        model.load_state_dict(decode(arrays))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run 04_quantize.py first") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
+    return model, meta

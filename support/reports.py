@@ -1,0 +1,97 @@
+"""Reports: tables, the rows that compare two models, the records of the results log and the
+table of every stage, the course's predictions file."""
+from pathlib import Path
+
+from support import files
+from support.running import warn
+from support.stats import Score, paired
+
+VAL_COLUMN = "val acc [95% CI]"
+COLUMNS = ("stage", "model", "params", "bytes", "macs", VAL_COLUMN)
+
+
+def format_table(rows, columns=COLUMNS):
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if v is None:
+            return ""
+        return f"{v:,}" if isinstance(v, int) else str(v)
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(lines)
+
+
+def paired_row(name_a, a, name_b, b):
+    """A table row: how model b differs from model a on the same validation images."""
+    d = paired(a, b)
+    lo, hi = d["ci"]
+    return {"comparison": f"{name_b} - {name_a}", "difference [95% CI]": f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}]",
+            "McNemar p": f"{d['p']:.3g}", "right only before / after": f"{d['only_a']} / {d['only_b']}"}
+
+
+def score_fields(val):
+    """A validation Score as results-log fields: accuracy, interval and every image's outcome."""
+    lo, hi = val.interval()
+    return {"val_acc": round(val.acc, 4), "val_ci": [round(lo, 4), round(hi, 4)], "val_n": val.n,
+            "val_key": val.key, "val_correct": val.to_text()}
+
+
+def recorded_score(record):
+    """The validation Score a results record holds (None for a record without one)."""
+    try:
+        return Score.from_text(record["val_correct"], record["val_n"], record.get("val_key"))
+    except (KeyError, ValueError, TypeError):  # an old or hand-edited record: no per-image outcome
+        return None
+
+
+def submission_ids(names):
+    """The course's Id of each test file: its number (0000.jpg -> 0); files not all named by
+    number get their position in name order."""
+    stems = [Path(n).stem for n in names]
+    if all(s.isdigit() for s in stems):
+        return [int(s) for s in stems]
+    order = {n: i for i, n in enumerate(sorted(names))}
+    return [order[n] for n in names]
+
+
+def write_predictions(path, split, preds):
+    """The course's submission: Id,Category, rows in Id order; an unreadable image says 0.
+    Returns (rows, rows of unreadable images)."""
+    preds = preds.tolist()
+    bad = set(split.unreadable)
+    for name in split.unreadable:
+        warn(f"{name}: not a readable image; its row in {Path(path).name.removesuffix('.new')} says class 0")
+    rows = sorted((i, 0 if name in bad else c) for i, name, c in zip(submission_ids(split.names), split.names, preds))
+
+    def write(f):
+        f.write(("Id,Category\n" + "".join(f"{i},{c}\n" for i, c in rows)).encode())
+    files.atomic_write(path, write)
+    return len(rows), len(bad)
+
+
+def print_summary(ckpt_dir, chosen_on, val_images):
+    """Every stage's record, then each stage against the one before on the same images."""
+    records = files.read_results(ckpt_dir)
+    rows = [{**r, VAL_COLUMN: recorded_score(r) or r.get("val_acc")}
+            for r in sorted(records, key=lambda r: str(r.get("stage"))) if r["model"] != "final"]
+    print(f"\nevery stage ({Path(ckpt_dir) / files.RESULTS}; validation reports, {chosen_on} chose)")
+    print(format_table(rows, ["stage", "model", "params", "bytes", "bytes_zip", "macs", VAL_COLUMN]))
+    by_name = {r["model"]: r for r in records}
+    final_name = f"final file ({by_name.get('final', {}).get('file', '?')})"
+    steps = [("student_scratch", "student_kd"), ("student_kd", "student_pruned"), ("student_pruned", "final"),
+             ("student_kd", "final")]  # the last: what the whole of compression cost
+    pairs = []
+    for a, b in steps:
+        sa, sb = (recorded_score(by_name[m]) if m in by_name else None for m in (a, b))
+        if sa is None or sb is None or sa.key != sb.key or sa.n != sb.n:
+            continue  # a stage not run, or scored on other images
+        pairs.append(paired_row(a, sa, final_name if b == "final" else b, sb))
+    if pairs:
+        print(f"\neach stage against the one before, and the final file against student_kd, on the same "
+              f"{val_images} validation images (paired bootstrap interval, exact McNemar test)")
+        print(format_table(pairs, list(pairs[0])))

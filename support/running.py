@@ -1,0 +1,101 @@
+"""Running a stage: a user's mistake is one line and exit 2, Ctrl-C one line and exit 130."""
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+
+def quiet_start():
+    """Ctrl-C (or a kill's SIGTERM) while the heavy modules load (a second or more) ends the run
+    quietly: nothing has been written yet. run() takes over once they are loaded."""
+    def stop(*_):
+        sys.stderr.write("\ninterrupted while starting; nothing was written\n")
+        os._exit(130)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+def interrupts_as_keyboard_interrupt():
+    """From here on both Ctrl-C and SIGTERM raise KeyboardInterrupt."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, after the resumable state has been left in a clean place: exit code 130."""
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+_published = []  # set by publish(): the run's outputs are in place
+
+
+def mark_published():
+    _published.append(True)
+
+
+def run(main):
+    """Run a stage's main(): user errors become one line on stderr, Ctrl-C exits 130.
+
+    A script run from the shell ends with os._exit once its output is flushed: the
+    interpreter's teardown (torch's, threading's) is where a late Ctrl-C would otherwise print
+    a traceback, or kill the process without a word."""
+    code = 0
+    _published.clear()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        said = str(e) if isinstance(e, Interrupted) and str(e) else (
+            "the run had finished; its outputs are written" if _published
+            else "the previous outputs are as they were")
+        print(f"\ninterrupted: {said}", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    if getattr(main, "__module__", None) != "__main__":  # called from a test: a normal return or exit
+        if code:
+            sys.exit(code)
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the run is over: nothing is left to interrupt
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, OSError):
+            pass
+    os._exit(code)
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then interrupt as usual. (Python runs
+    signal handlers in the main thread, whichever thread the signal reached.)"""
+    caught = []
+    old = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def interrupted_inside(error):
+    """True when an exception was raised because of a KeyboardInterrupt inside it (torch.save
+    wraps one in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
