@@ -18,7 +18,7 @@ from support.running import run
 from support.settings import configure, describe_preprocess, pick_device, resize_of
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
+recipe = "ours"  # ours, or course: the homework's choices (support/presets/course.py) for every setting you leave alone
 img_size = 224  # crop size fed to the models (pixels)
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale (no resizing)
 norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)

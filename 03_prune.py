@@ -23,11 +23,11 @@ from support.running import UserError, run, warn
 from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
-img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record wins unless given
-rotate = 10.0  # training augmentation: random rotation up to this many degrees
-jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+recipe = "ours"  # ours, or course: the homework's choices (support/presets/course.py) for every setting you leave alone
+img_size = 224  # crop size (pixels); student_kd.pt's record unless you set it
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record unless you set it
+rotate = 10.0  # training augmentation: random rotation up to this many degrees; as student_kd.pt records unless you set it
+jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter; as student_kd.pt records unless you set it
 batch_size = 64  # images per training step
 prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
 prune_count = 5  # pruning rounds, each from student_kd.pt
@@ -44,9 +44,9 @@ temperature = 20.0  # distillation temperature for fine-tuning (when the teacher
 alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
-teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
-select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record wins unless given
-seed = 0  # random seed (batch order, augmentation)
+teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it
+select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record unless you set it
+seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
@@ -70,7 +70,9 @@ def importance(model, g):
 
 
 def slim_counts(model, counts):
-    """A new StudentNet keeping, in each group g of `counts`, its counts[g] strongest channels.
+    """Network slimming: in each group g of `counts`, keep the counts[g] channels whose
+    BatchNorm gamma is largest in magnitude and cut the others out of the weights that make,
+    normalise and read them; a new, physically smaller StudentNet.
 
     Exact: a dropped channel whose gamma were 0 would still feed block g's pointwise conv the
     constant ReLU6(beta), so that constant goes into the conv's bias. The slim model computes

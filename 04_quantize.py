@@ -26,9 +26,9 @@ from support.running import UserError, run, warn
 from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device, resize_of
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-recipe = "ours"  # ours, or course: the homework's choices in one word (native-scale 256 crops, rotation 15, no jitter, no normalisation, constant lr 1e-3, batch 32, ...; README); each still overridable
-img_size = 224  # crop size (pixels); student_kd.pt's record wins unless given
-resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record wins unless given
+recipe = "ours"  # ours, or course: the homework's choices (support/presets/course.py) for every setting you leave alone
+img_size = 224  # crop size (pixels); student_kd.pt's record unless you set it
+resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record unless you set it
 batch_size = 64  # images per step
 models = "student_kd,student_pruned"  # checkpoints (in ckpt_dir) to quantize; missing ones are skipped
 variants = "fp16,q8,q8c,q6c,q4c,q3c,mix4,mix3"  # fp16; qN: N bits per tensor; qNc: per output channel; mixN: pointwise convs at N bits, the rest at 8
@@ -37,16 +37,16 @@ qat_variants = "q6c,q4c,q3c,mix4,mix3"  # layouts QAT trains through (each writt
 qat_epochs = 3  # epochs of each quantization-aware fine-tune
 qat_lr = 5e-4  # its peak learning rate (AdamW, one-cycle schedule)
 weight_decay = 0.0  # AdamW weight decay in QAT
-rotate = 10.0  # QAT augmentation: random rotation up to this many degrees
-jitter = 0.1  # QAT augmentation: brightness/contrast/saturation jitter
+rotate = 10.0  # QAT augmentation: random rotation up to this many degrees; as student_kd.pt records unless you set it
+jitter = 0.1  # QAT augmentation: brightness/contrast/saturation jitter; as student_kd.pt records unless you set it
 temperature = 20.0  # distillation temperature in QAT (when the teacher is there)
 alpha = 0.5  # distillation weight in QAT
 use_teacher = True  # QAT with the distillation loss when teacher_resnet18.bin exists
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
-teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet
-seed = 0  # random seed (batch order, augmentation)
+teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it
+seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
 max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy on the selection split
-select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record wins unless given
+select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record unless you set it
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
