@@ -14,7 +14,7 @@ import common  # first: Ctrl-C during the slow imports is then a clean exit
 from support import files, reports
 from support.resume import Resumable, check_resume
 from support.running import run
-from support.settings import DISTILLED_WITH, configure, course_scale, describe_preprocess, pick_device
+from support.settings import DISTILLED_WITH, adopt_from, configure, course_scale, describe_preprocess, pick_device
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 recipe = "ours"  # ours, or course: the homework's choices (support/presets/course.py) for every setting you leave alone
@@ -37,6 +37,7 @@ teacher_norm = "none"  # input normalisation of a teacher file without a note: n
 base = 16  # student base width (when from_scratch)
 width_mult = 1.0  # student width multiplier of blocks 3-6 (when from_scratch)
 select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
+other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 seed = 0  # random seed (weights, batch order, augmentation)
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -54,10 +55,10 @@ def main():
     files.require(ckpt_dir / files.TEACHER_FILE, "00_teacher.py")
     files.teacher_note(ckpt_dir)  # a damaged note is said now
     if not cfg.from_scratch:
-        files.require(scratch_path, "01_architecture.py")
+        scratch_record = adopt_from(cfg, scratch_path, "01_architecture.py", names=("select_fraction",))
     course_scale(cfg, ckpt_dir)
     check_resume(cfg, path)
-    data = common.data_for(cfg, splits=("training", "validation"))
+    data = common.data_for(cfg, splits=("training", "validation"), recorded=None if cfg.from_scratch else scratch_record)
     device = pick_device(cfg.device)
     teacher, norm = common.load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
     teacher = common.prepare(teacher, device)
@@ -70,14 +71,14 @@ def main():
         student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     else:
         student = common.load_model(scratch_path, "student", data.num_classes, made_by="01_architecture.py")[0]
+    augment = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
     views = min(cfg.teacher_views or cfg.epochs, cfg.epochs)
-    asked = common.teacher_for(cfg, ckpt_dir, data, device, range(views), loaded=(teacher, norm))
+    asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(views), loaded=(teacher, norm))
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, sparsity={cfg.sparsity})")
     best = common.fit(student, data, common.distill_loss(asked, cfg.temperature, cfg.alpha),
                       epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
-                      batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
-                      views=cfg.teacher_views, sparsity=cfg.sparsity, norm=cfg.norm, device=device,
-                      out=Resumable(path, cfg), desc="distill",
+                      batch_size=cfg.batch_size, augment=augment, views=cfg.teacher_views, sparsity=cfg.sparsity,
+                      norm=cfg.norm, device=device, out=Resumable(path, cfg), desc="distill",
                       notes={"teacher_norm": norm, **{k: cfg[k] for k in DISTILLED_WITH[1:]}})
     print(f"the teacher saw {asked.images:,} training images in this run")
     student, preprocess, _ = common.load_model(files.new_path(path))

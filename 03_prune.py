@@ -46,6 +46,7 @@ use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it
 select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record unless you set it
+other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -156,6 +157,15 @@ def prune_model(base, keep, groups, method):
     return model
 
 
+def round_names(keeps):
+    """Each round's keep as it names its file: 3 decimals, or as many as keep the names apart."""
+    for decimals in range(3, 18):
+        names = [f"{keep:.{decimals}f}" for keep in keeps]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{keep:.3f}r{k}" for k, keep in enumerate(keeps, 1)]
+
+
 def choose_smallest(rows, kd_select, max_acc_drop):
     """The smallest round whose selection accuracy is within max_acc_drop of student_kd's."""
     ok = [r for r in rows if r["select_after"] >= kd_select - max_acc_drop]
@@ -179,7 +189,7 @@ def main():
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
     variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     keeps = [cfg.prune_rate ** k for k in range(1, cfg.prune_count + 1)]
-    round_paths = [ckpt_dir / f"student_pruned_{keep:.3f}{variant}.pt" for keep in keeps]
+    round_paths = [ckpt_dir / f"student_pruned_{name}{variant}.pt" for name in round_names(keeps)]
     check_resume(cfg, *round_paths)
     files.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, splits=("training", "validation"), recorded=recorded)
@@ -188,9 +198,10 @@ def main():
     device = pick_device(cfg.device)
     score = common.Scorer(data, cfg, device)
     (kd_val, kd_select), kd_params = score.both(kd, preprocess), common.count_params(kd)
+    augment = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
     loss, asked = common.cross_entropy(), None
     if cfg.use_teacher and longest and (ckpt_dir / files.TEACHER_FILE).exists():
-        asked = common.teacher_for(cfg, ckpt_dir, data, device, range(min(cfg.teacher_views, longest)))
+        asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(min(cfg.teacher_views, longest)))
         loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "
           f"fine-tuning with {'distillation' if asked else 'cross-entropy'}")
@@ -198,9 +209,8 @@ def main():
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
         """Train `model` (a fresh optimizer on its own parameters); its best epoch, on the CPU."""
         common.fit(model, data, loss, epochs=epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
-                   batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
-                   views=cfg.teacher_views, sparsity=sparsity, norm=preprocess["norm"], device=device,
-                   out=Resumable(path, cfg), desc=desc)
+                   batch_size=cfg.batch_size, augment=augment, views=cfg.teacher_views, sparsity=sparsity,
+                   norm=preprocess["norm"], device=device, out=Resumable(path, cfg), desc=desc)
         return common.load_model(files.new_path(path))[0].cpu()
 
     # --- optional: push the gammas towards zero first (the paper's L1 sparsity) ------------

@@ -23,7 +23,8 @@ from support import files, plots, qfile, reports
 from support.images import load_split, storage
 from support.resume import Resumable, check_resume
 from support.running import UserError, run, warn
-from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device, resize_of
+from support.settings import (adopt_from, adopt_teacher_settings, as_given, check_selection, configure, parse_list,
+                              pick_device, resize_of)
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
 recipe = "ours"  # ours, or course: the homework's choices (support/presets/course.py) for every setting you leave alone
@@ -47,6 +48,7 @@ teacher_norm = "none"  # input normalisation of a teacher file without a note: n
 seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
 max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy on the selection split
 select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record unless you set it
+other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
 device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
@@ -73,19 +75,24 @@ def minmax_quantize(x, bits, per_channel, range_dtype=torch.float32):
     return torch.round((rows - lo64) / span * levels).clamp_(0, levels), lo, hi
 
 
-VARIANT_PATTERN = r"fp16|q[1-8]c?|mix[1-8]"
+VARIANT_PATTERN, VARIANTS = r"fp16|q[1-8]c?|mix[1-8]", "fp16, qN, qNc or mixN (N = 1..8)"
 
 
 def layout_of(variant, state_dict):
     """(bits, per_channel, plan) of a variant: fp16; qN, N bits per tensor; qNc, per output
     channel; mixN, the pointwise convs (most of the weights) at N bits per channel and every
-    other tensor (first conv, depthwise convs, BatchNorms, biases, classifier) at 8."""
+    other tensor (first conv, depthwise convs, BatchNorms, biases, classifier) at 8. Below 8
+    bits the 1-D tensors (BatchNorm vectors, biases: about 2% of the numbers) stay at 8: a
+    BatchNorm variance coded in 3 or 4 bits scales its channel wrongly by 3-4x."""
     if variant == "fp16":
         return 16, False, None
     if variant.startswith("mix"):
         low = int(variant[3:])
         return 8, True, {name: low for name in state_dict if re.fullmatch(r"cnn\.\d+\.3\.weight", name)}
-    return int(variant[1]), variant.endswith("c"), None
+    bits, per_channel = int(variant[1]), variant.endswith("c")
+    if bits == 8:
+        return 8, per_channel, None
+    return 8, per_channel, {name: bits for name, t in state_dict.items() if t.is_floating_point() and t.ndim >= 2}
 
 
 def encode(state_dict, variant):
@@ -124,22 +131,14 @@ class FakeQuant(common.StudentNet):
         return functional_call(self.fc, part("fc."), (features.flatten(1),))
 
 
-def parse_list(text, name, pattern=None, allow_empty=False):
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if (not items and not allow_empty) or (pattern and not all(re.fullmatch(pattern, t) for t in items)):
-        raise UserError(f"--{name}={text!r}: give a comma-separated list"
-                        + (" of fp16, qN, qNc or mixN (N = 1..8)" if pattern else ""))
-    return items
-
-
 # ============================================================================================
 # Quantize, fine-tune, measure, choose the final model
 # ============================================================================================
 
 def main():
     cfg = configure(globals())
-    variants = parse_list(cfg.variants, "variants", VARIANT_PATTERN)
-    qat_variants = parse_list(cfg.qat_variants, "qat_variants", VARIANT_PATTERN, allow_empty=True)
+    variants = parse_list(cfg.variants, "variants", VARIANT_PATTERN, what=VARIANTS)
+    qat_variants = parse_list(cfg.qat_variants, "qat_variants", VARIANT_PATTERN, allow_empty=True, what=VARIANTS)
     if "fp16" in qat_variants:
         raise UserError("--qat_variants: fp16 has no codes to train through; give qN, qNc or mixN")
     qat_names = parse_list(cfg.qat_models, "qat_models", allow_empty=True) if qat_variants else []
@@ -151,8 +150,8 @@ def main():
         for name in qat_names:
             files.require(ckpt_dir / f"{name}.pt", "03_prune.py" if "pruned" in name else "02_distill.py")
     adopt_teacher_settings(cfg, recorded["metrics"], cfg.qat_epochs)
-    qat_paths = {(name, v): ckpt_dir / f"{name}.qat.{v}.pt" for name in qat_names for v in qat_variants
-                 if (ckpt_dir / f"{name}.pt").exists()}
+    qat_paths = {(name, v): ckpt_dir / (f"{name}.qat.{v}.pt" if v else f"{name}.ft.pt")  # v None: the control
+                 for name in qat_names for v in [None, *qat_variants] if (ckpt_dir / f"{name}.pt").exists()}
     check_resume(cfg, *qat_paths.values())
     files.teacher_note(ckpt_dir)  # a damaged note is said now
     data = common.data_for(cfg, recorded=recorded)
@@ -165,7 +164,7 @@ def main():
         model, preprocess, metrics = common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes,
                                                        made_by=made_by)
         if name != "student_kd":  # student_kd's selection was checked when the data was loaded
-            common.check_selection(data, preprocess, f"{name}.pt")
+            check_selection(data.selection, preprocess, f"{name}.pt", cfg.other_selection)
         return model, as_given(cfg, preprocess), metrics
 
     kd, kd_preprocess, _ = load("student_kd")
@@ -202,27 +201,30 @@ def main():
         for variant in variants:
             quantize(name, variant, model, preprocess)
 
-    # --- quantization-aware fine-tuning ------------------------------------------------------
+    # --- quantization-aware fine-tuning, and its control: the same epochs in float, then PTQ --
+    augment = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
     loss, asked = common.cross_entropy(), None
     if qat_paths and cfg.use_teacher and (ckpt_dir / files.TEACHER_FILE).exists():
-        asked = common.teacher_for(cfg, ckpt_dir, data, device, range(min(cfg.teacher_views, cfg.qat_epochs)))
+        asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(min(cfg.teacher_views, cfg.qat_epochs)))
         loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
     for (name, variant), path in qat_paths.items():
         model, preprocess, _ = load(name)
-        print(f"\nQAT: {name} through {variant}'s codes, {cfg.qat_epochs} epochs "
-              f"({'distillation' if asked else 'cross-entropy'}, lr {cfg.qat_lr})")
-        common.fit(FakeQuant(model, variant), data, loss, epochs=cfg.qat_epochs, lr=cfg.qat_lr,
-                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-                   augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
-                   views=cfg.teacher_views, norm=preprocess["norm"], device=device, out=Resumable(path, cfg),
-                   desc=f"QAT {variant}")
-        quantize(f"{name}.qat", variant, common.load_model(files.new_path(path))[0], preprocess)
+        what = f"QAT: {name} through {variant}'s codes" if variant else f"control: {name} in float"
+        print(f"\n{what}, {cfg.qat_epochs} epochs ({'distillation' if asked else 'cross-entropy'}, lr {cfg.qat_lr}), "
+              "the last kept")
+        common.fit(FakeQuant(model, variant) if variant else model, data, loss, epochs=cfg.qat_epochs, lr=cfg.qat_lr,
+                   weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=augment, views=cfg.teacher_views,
+                   keep="last", norm=preprocess["norm"], device=device, out=Resumable(path, cfg),
+                   desc=f"QAT {variant}" if variant else "float")
+        tuned = common.load_model(files.new_path(path))[0]
+        for v in [variant] if variant else qat_variants:
+            quantize(f"{name}.qat" if variant else f"{name}.ft", v, tuned, preprocess)
         outputs.append(path)
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
 
     # --- the frontier, and the final model: the smallest file within max_acc_drop of student_kd on selection
-    pareto(rows)
+    reports.pareto(rows)
     fits = [r for r in rows if r["select"].acc >= kd_select.acc - cfg.max_acc_drop]
     if not fits:
         warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_select.acc:.4f} "
@@ -255,22 +257,15 @@ def main():
 SELECT_COLUMN = "selection acc [95% CI]"
 
 
-def pareto(rows):
-    """Marks rows that no other row beats: at most as many bytes and at least as accurate
-    (validation), better in one."""
-    for r in rows:
-        r["front"] = "*" if not any(o["bytes"] <= r["bytes"] and o["val"].acc >= r["val"].acc
-                                    and (o["bytes"], o["val"].acc) != (r["bytes"], r["val"].acc)
-                                    for o in rows) else ""
-    return rows
-
-
 def print_qat_gain(rows, qat_paths):
-    """What quantization-aware fine-tuning bought: each QAT file against post-training
-    quantization of the same model at the same layout, on the same validation images."""
-    by = {(r["model"], r["variant"]): r for r in rows}
-    pairs = [reports.paired_row(f"{name}.{v} (post-training)", by[name, v]["val"], f"{name}.qat.{v}",
-                               by[f"{name}.qat", v]["val"]) for name, v in qat_paths]
+    """What quantization-aware fine-tuning bought, on the same validation images: each QAT file
+    against post-training quantization of the same model at the same layout, and against the
+    control, the same epochs of fine-tuning in float followed by post-training quantization
+    (which separates training through the codes from training longer)."""
+    by = {(r["model"], r["variant"]): r["val"] for r in rows}
+    pairs = [reports.paired_row(f"{name}{kind}.{v}{note}", by[f"{name}{kind}", v], f"{name}.qat.{v}", by[f"{name}.qat", v])
+             for name, v in qat_paths if v
+             for kind, note in (("", " (post-training)"), (".ft", " (float fine-tune, post-training)"))]
     if pairs:
         print("\nquantization-aware fine-tuning against post-training quantization, same model and bits")
         print(reports.format_table(pairs, list(pairs[0])))

@@ -9,6 +9,7 @@ from support.running import quiet_start
 quiet_start()  # Ctrl-C while the heavy modules below load is a clean exit
 
 import hashlib
+import inspect
 import math
 import time
 from contextlib import contextmanager
@@ -27,8 +28,8 @@ from support.bank import TeacherBank
 from support.images import NATIVE, Split, class_names, load_split, make_sample, names_key, storage, training_key
 from support.reports import score_fields
 from support.resume import restore, weights_key
-from support.settings import resize_of
-from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt, warn
+from support.settings import check_selection, resize_of
+from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt
 from support.stats import Score
 
 interrupts_as_keyboard_interrupt()
@@ -134,15 +135,8 @@ def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
     print(f"data: {data.root}: {data.num_classes} classes; {', '.join(sizes)} images "
           f"({how}, {cfg.img_size} px crops)")
     if recorded:
-        check_selection(data, recorded, recorded["source"])
+        check_selection(data.selection, recorded, recorded["source"], cfg.get("other_selection", False))
     return data
-
-
-def check_selection(data, recorded, source):
-    """Warn when a model was made with another selection split than the one choosing now."""
-    if "select_fraction" in recorded and data.selection != {k: recorded.get(k) for k in data.selection}:
-        warn(f"this selection split differs from the one {source} was made with (another "
-             "select_fraction or other training files): its images may have been trained on")
 
 
 # ============================================================================================
@@ -192,10 +186,6 @@ class Augment:
         if self.jitter:
             x = jitter_batch(x, draws["factors"][:, idx])
         return x.contiguous(memory_format=torch.channels_last)
-
-
-def augment_of(cfg):
-    return Augment(cfg.img_size, cfg.get("rotate", 0.0), cfg.get("jitter", 0.0), cfg.seed)
 
 
 def crop_flip(images, idx, crop, off, flip):
@@ -480,24 +470,29 @@ class InlineTeacher:
         return t.clone()  # a normal tensor autograd may keep
 
 
-BANK_VERSION = 1
+def view_code_key():
+    """A key of the code that makes a view's pixels (the draws, the crop, flip, rotation, jitter
+    and the teacher's normalisation): a bank built by other code is never served."""
+    parts = (seeded, Augment, crop_flip, to_float, rotate_batch, jitter_batch, normalize)
+    return hashlib.sha1("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def teacher_for(cfg, ckpt_dir, data, device, views, loaded=None):
-    """What the distillation loss asks: the teacher bank holding `views` of the training images
-    (the teacher asked once per view, where missing), or with --teacher_bank=False the teacher
-    itself on every batch. `loaded`: the (teacher, norm) the stage has loaded already, if any."""
+def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
+    """What the distillation loss asks: the teacher bank holding `views` (the `aug`mentation's)
+    of the training images (the teacher asked once per view, where missing), or with
+    --teacher_bank=False the teacher itself on every batch. `loaded`: the (teacher, norm) the
+    stage has loaded already, if any."""
     def get_teacher():
         return loaded or load_teacher(ckpt_dir, data.num_classes, cfg.teacher_norm)
     if not cfg.teacher_bank:
         model, norm = get_teacher()
         print(f"teacher: asked about every batch (--teacher_bank=False), norm={norm}")
         return InlineTeacher(prepare(model, device), norm)
-    norm, aug, train = files.teacher_norm_of(ckpt_dir, cfg.teacher_norm), augment_of(cfg), data.train
-    key = {"version": BANK_VERSION, "teacher_sha1": files.file_sha1(Path(ckpt_dir) / files.TEACHER_FILE),
-           "norm": norm, "images": train.key, "names": names_key(train.names),
-           "stored": int(train.images.shape[1]), "crop": aug.crop, "rotate": aug.rotate, "jitter": aug.jitter,
-           "seed": aug.seed}
+    norm, train = files.teacher_norm_of(ckpt_dir, cfg.teacher_norm), data.train
+    key = {"view_code": view_code_key(), "teacher_sha1": files.file_sha1(Path(ckpt_dir) / files.TEACHER_FILE),
+           "norm": norm, "precision": f"{device.type}, {'bfloat16' if device.type == 'cuda' else 'float32'}",
+           "images": train.key, "names": names_key(train.names), "stored": int(train.images.shape[1]),
+           "crop": aug.crop, "rotate": aug.rotate, "jitter": aug.jitter, "seed": aug.seed}
 
     def asker():
         """Loads the teacher (only when some view is missing); ask_view(v)(idx) -> its logits."""
@@ -521,22 +516,23 @@ def teacher_for(cfg, ckpt_dir, data, device, views, loaded=None):
 # ============================================================================================
 
 def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycle", weight_decay=0.0,
-        views=None, sparsity=0.0, norm, device, out, desc="train", notes=None):
+        views=None, sparsity=0.0, keep="best", norm, device, out, desc="train", notes=None):
     """Train with AdamW, the learning rate one-cycle (peak `lr`) or constant, minimising
     loss(logits, batch) (+ sparsity * the L1 of the BatchNorm gammas) on `augment`ed views of
     data.train: epoch e trains on view e mod `views` (default: a new view every epoch).
 
     Keeps the epoch that scores best on the selection split (never on validation, unless
-    select_fraction=0) in out.best (`<path>.new`), for the stage to publish() when it has
-    finished; after every epoch a resumable state goes to out.state, which out.resume
-    continues (a finished state just returns). Returns the best epoch's metrics (with
-    `notes`, which the checkpoint records too)."""
+    select_fraction=0), or with keep="last" the last epoch, in out.best (`<path>.new`), for
+    the stage to publish() when it has finished; after every epoch a resumable state goes to
+    out.state, which out.resume continues (a finished state just returns). Returns the kept
+    epoch's metrics (with `notes`, which the checkpoint records too)."""
     model = prepare(model, device)
     views = views or epochs
     training = {"epochs": epochs, "lr": lr, "schedule": schedule, "weight_decay": weight_decay,
                 "batch_size": batch_size, "augment": [augment.crop, augment.rotate, augment.jitter, augment.seed],
-                "loss": getattr(loss, "describe", "custom"), "views": views, "sparsity": sparsity, "norm": norm,
-                "widths": arch_of(model).get("widths"), "data": data.files_key, "start": weights_key(model)}
+                "loss": getattr(loss, "describe", "custom"), "views": views, "sparsity": sparsity, "keep": keep,
+                "norm": norm, "widths": arch_of(model).get("widths"), "data": data.files_key,
+                "start": weights_key(model)}
     preprocess = {"norm": norm, "img_size": augment.crop, "resize": data.resize, **data.selection}
     train_x, train_y = to_device_images(data.train, device)
     sel_x, sel_y = to_device_images(data.select, device)
@@ -562,19 +558,22 @@ def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycl
             where = (f"{out.state} (after epoch {epoch}); rerun with --resume=True" if epoch
                      else "none yet, the first epoch had not finished")
             raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; the previous outputs are as "
-                                    f"they were; resumable state: {where}") from None
-        sel_loss, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
-        sel_acc = float(correct.mean())
-        mark = ""
-        if sel_acc > best["select_acc"]:
-            best = {**epoch_metrics(sel_acc, sel_loss, epoch + 1, views), **(notes or {})}
+                              f"they were; resumable state: {where}") from None
+        line, mark = f"{desc} epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.3f} acc {train_acc:.3f}", ""
+        if keep == "last":
+            best = {"epoch": epoch + 1, "views": views, **(notes or {})}
             save_checkpoint(out.best, model, preprocess, best)
-            mark = "  * best"
+        else:
+            sel_loss, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
+            sel_acc = float(correct.mean())
+            line += f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}"
+            if sel_acc > best["select_acc"]:
+                best = {**epoch_metrics(sel_acc, sel_loss, epoch + 1, views), **(notes or {})}
+                save_checkpoint(out.best, model, preprocess, best)
+                mark = "  * best"
         out.save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                   "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best}, training)
-        print(f"{desc} epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.3f} acc {train_acc:.3f}"
-              f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}  {seconds:5.1f}s {speed:6.0f} img/s{mark}",
-              flush=True)
+        print(f"{line}  {seconds:5.1f}s {speed:6.0f} img/s{mark}", flush=True)
     return best
 
 

@@ -20,10 +20,12 @@ def save_png(path, fig):
     files.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def log_x(ax, title):
-    """A log-scaled x axis of byte or parameter counts, ticked at 1, 2 and 5 times powers of ten."""
+def log_x(ax, title, values):
+    """A log-scaled x axis of byte or parameter counts, ticked at 1, 2 and 5 times powers of ten
+    (every multiple, where the values span less than a factor of 10)."""
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    narrow = max(values) < 10 * min(values)
+    ax.xaxis.set_major_locator(LogLocator(subs=tuple(range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"{title} (log scale)")
@@ -48,7 +50,7 @@ def plot_rounds(path, rows, kd):
         ax.errorbar(xs, after, yerr=errors, fmt="o", color=BLUE, capsize=3, label="after fine-tuning (95% CI)")
         ax.scatter([kd[key]], [kd["acc"]], marker="*", s=160, color=RED, zorder=3, label="student_kd")
         label_points(ax, list(zip(xs, after)), [f"keep {r['keep']:.2f}" for r in rows])
-        log_x(ax, title)
+        log_x(ax, title, xs + [kd[key]])
         ax.set_title(f"validation accuracy vs {title}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
@@ -69,7 +71,7 @@ def plot_frontier(path, files, kd_acc, final):
     ax.axhline(kd_acc, color=RED, linestyle="--", linewidth=1, label=f"student_kd ({kd_acc:.3f})")
     ax.scatter([final["bytes"]], [final["acc"]], s=220, facecolors="none", edgecolors=RED, linewidths=2,
                label=f"final file: {final['label']}")
-    log_x(ax, "file bytes")
+    log_x(ax, "file bytes", [f["bytes"] for f in files])
     ax.set_ylabel("validation accuracy")
     ax.set_title("every file: validation accuracy vs bytes")
     ax.grid(True, which="both", alpha=0.3)

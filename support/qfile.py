@@ -82,9 +82,48 @@ def dequantize(q, lo, hi, bits, shape, dtype=torch.float32):
     return (q / (2 ** bits - 1) * (hi64 - lo64) + lo64).to(dtype).reshape(shape)
 
 
+DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def check_description(meta, arrays):
+    """Every field of a file's description, and the arrays' lengths it implies, checked before
+    decoding: a crafted or damaged file is an error, never a model of NaNs. Raises ValueError."""
+    bits, per_channel, specs = meta.get("bits"), meta.get("per_channel"), meta.get("tensors")
+    if bits not in ("mixed", 16, *range(1, 9)) or type(bits) is bool or not isinstance(per_channel, bool) \
+            or not isinstance(specs, list):
+        raise ValueError(f"its description has bits={bits!r}, per_channel={per_channel!r}")
+    need = {"ints": 0, "f16": 0, "q": 0, "lo": 0}
+    for s in specs:
+        shape, store = s.get("shape"), s.get("store")
+        if not isinstance(s.get("name"), str) or not isinstance(shape, list) \
+                or not all(type(d) is int and d >= 0 for d in shape) or s.get("dtype") not in DTYPES \
+                or store not in ("ints", "f16", "q") or (store == "q" and bits == 16) or (store == "f16" and bits != 16):
+            raise ValueError(f"tensor {s.get('name')!r} is described as {s}")
+        n = math.prod(shape)
+        if store == "q":
+            b = s.get("bits") if bits == "mixed" else bits
+            if b not in range(1, 9) or type(b) is bool:
+                raise ValueError(f"tensor {s['name']!r} has bits={b!r}")
+            need["q"] += math.ceil(n * b / 8) if bits == "mixed" else n
+            need["lo"] += shape[0] if per_channel and len(shape) >= 2 else 1
+        else:
+            need[store] += n
+    if bits not in ("mixed", 8, 16):
+        need["q"] = math.ceil(need["q"] * bits / 8)
+    need["hi"] = need["lo"]
+    for name, count in need.items():
+        have = len(arrays[name]) if name in arrays else 0
+        if have != count or (name in arrays and arrays[name].ndim != 1):
+            raise ValueError(f"array {name!r} holds {have} values where its description needs {count}")
+    if need["lo"] and not (np.isfinite(arrays["lo"]).all() and np.isfinite(arrays["hi"]).all()
+                           and (arrays["hi"] >= arrays["lo"]).all()):
+        raise ValueError("its ranges are not finite, or a max is below its min")
+
+
 def decode(arrays):
     """The state_dict of encode(): codes back to floats, float16 back to float32."""
     meta = json_of(arrays["meta"])
+    check_description(meta, arrays)
     mixed, per_channel = meta["bits"] == "mixed", meta["per_channel"]
     specs = meta["tensors"]
     if not mixed:
@@ -116,6 +155,8 @@ def decode(arrays):
         offsets["range"] += rows
         lo, hi = (torch.from_numpy(arrays[k][r:r + rows].copy()) for k in ("lo", "hi"))
         sd[s["name"]] = dequantize(torch.from_numpy(q.astype(np.float64)).reshape(rows, -1), lo, hi, bits, shape, dtype)
+    if not all(t.isfinite().all() for t in sd.values() if t.is_floating_point()):
+        raise ValueError("it decodes to values that are not finite")
     return sd
 
 
@@ -153,6 +194,8 @@ def read_quantized(path, build):
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json_of(arrays["meta"])
+        if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict):
+            raise ValueError("its description names no model")
         model = build(meta["arch"])
         model.load_state_dict(decode(arrays))
     except FileNotFoundError:

@@ -95,3 +95,13 @@ def print_summary(ckpt_dir, chosen_on, val_images):
         print(f"\neach stage against the one before, and the final file against student_kd, on the same "
               f"{val_images} validation images (paired bootstrap interval, exact McNemar test)")
         print(format_table(pairs, list(pairs[0])))
+
+
+def pareto(rows):
+    """Marks rows that no other row beats: at most as many bytes and at least as accurate
+    (validation), better in one."""
+    for r in rows:
+        r["front"] = "*" if not any(o["bytes"] <= r["bytes"] and o["val"].acc >= r["val"].acc
+                                    and (o["bytes"], o["val"].acc) != (r["bytes"], r["val"].acc)
+                                    for o in rows) else ""
+    return rows

@@ -39,12 +39,12 @@ class Resumable:
                 print(f"nothing to resume at {self.state}; starting from epoch 1")
             return None
         state = read_state(self.state)
-        shape = {**self.settings, **training}
-        for name, value in shape.items():
-            old = state["shape"].get(name) if name in self.settings else state["training"].get(name)
-            if old != value:
-                what = "another starting model" if name == "start" else f"{name}={old}, this run has {name}={value}"
-                raise UserError(f"{self.state}: made with {what}; delete it or run without --resume=True")
+        for recorded, now in ((state["shape"], self.settings), (state["training"], training)):
+            for name, value in now.items():
+                if recorded.get(name) != value:
+                    what = ("another starting model" if name == "start" and recorded is state["training"]
+                            else f"{name}={recorded.get(name)}, this run has {name}={value}")
+                    raise UserError(f"{self.state}: made with {what}; delete it or run without --resume=True")
         if not self.best.exists():
             raise UserError(f"{self.state}: its best model {self.best.name} is missing; run without --resume=True")
         return state
@@ -84,8 +84,7 @@ def check_resume(cfg, *ckpt_paths):
                 raise UserError(f"{cfg.said(name)}, but {state_path.name} was made with {name}={old}; "
                                 f"give --{name}={old} to resume it, or run without --resume=True")
         for name, old in differ.items():
-            print(f"resuming with {name}={old}, as {state_path.name} records")
-            cfg[name] = old
+            cfg.fill(name, old, state_path.name)
 
 
 def weights_key(model):

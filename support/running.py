@@ -41,19 +41,21 @@ def mark_published():
 
 
 def run(main):
-    """Run a stage's main(): user errors become one line on stderr, Ctrl-C exits 130.
-
-    A script run from the shell ends with os._exit once its output is flushed: the
-    interpreter's teardown (torch's, threading's) is where a late Ctrl-C would otherwise print
-    a traceback, or kill the process without a word."""
+    """Run a stage's main(): user errors become one line on stderr (exit 2), Ctrl-C one line
+    (exit 130). Once main() is over, a script run from the shell ignores Ctrl-C: the
+    interpreter's teardown (torch's, threading's) is where a late one would otherwise print a
+    traceback, or kill the process without a word, after the outputs were written."""
     code = 0
     _published.clear()
     try:
         main()
+        ending(main)
     except UserError as e:
+        ending(main)
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, Interrupted) as e:
+        ending(main)
         said = str(e) if isinstance(e, Interrupted) and str(e) else (
             "the run had finished; its outputs are written" if _published
             else "the previous outputs are as they were")
@@ -62,18 +64,17 @@ def run(main):
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
-    if getattr(main, "__module__", None) != "__main__":  # called from a test: a normal return or exit
-        if code:
-            sys.exit(code)
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # the run is over: nothing is left to interrupt
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, OSError):
-            pass
-    os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+def ending(main):
+    """The run is over: from the shell, nothing is left for Ctrl-C or SIGTERM to stop. (Python
+    keeps an ignored signal ignored through its teardown; a test, an interactive session or
+    IPython keeps its handlers.)"""
+    if getattr(main, "__module__", None) == "__main__" and not sys.flags.interactive and "IPython" not in sys.modules:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager

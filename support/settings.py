@@ -21,7 +21,7 @@ import torch
 
 from support import files
 from support.images import NATIVE
-from support.running import UserError
+from support.running import UserError, warn
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = Path(__file__).with_name("shipped.json")
@@ -124,12 +124,17 @@ def settings_in_source(path):
     return settings_of(values)
 
 
-def shipped_settings(script):
-    """The values `script` (a file name) ships with, or None for a script we do not know."""
+def shipped_settings(script, names=None):
+    """The values `script` (a file name) ships with; for a renamed copy, those of the script
+    with the same settings (`names`); None for a script we do not know."""
     try:
-        return json.loads(SHIPPED.read_text(encoding="utf-8")).get(script)
+        table = json.loads(SHIPPED.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if script in table or names is None:
+        return table.get(script)
+    same = [values for values in table.values() if set(values) == set(names)]
+    return same[0] if len(same) == 1 else None
 
 
 def setting_help(script_path):
@@ -179,6 +184,14 @@ def parse_args(argv, cfg, script_path):
     return given
 
 
+def parse_list(text, name, pattern=None, allow_empty=False, what=""):
+    """A comma-separated setting's items, each matching `pattern` (described as `what`)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if (not items and not allow_empty) or (pattern and not all(re.fullmatch(pattern, t) for t in items)):
+        raise UserError(f"--{name}={text!r}: give a comma-separated list" + (f" of {what}" if what else ""))
+    return items
+
+
 def print_help(script_path, cfg):
     notes = setting_help(script_path)
     flags = {name: f"--{name}={value!r}" for name, value in cfg.items()}
@@ -199,7 +212,10 @@ def configure(namespace, argv=None):
     script = Path(script_path).name
     cfg = settings_of(namespace)
     given = parse_args(argv, cfg, script_path)
-    shipped = shipped_settings(script)
+    shipped = shipped_settings(script, cfg)
+    if shipped is None and ("recipe" in cfg or cfg.get("data_dir") == DEFAULT_DATA_DIR):
+        warn(f"{script} is not a script support/shipped.json knows: its constants are taken as shipped, so a "
+             "preset or a record may replace them; give your values as --name=value")
     edited = [k for k, v in cfg.items() if shipped is not None and k in shipped and shipped[k] != v and k not in given]
     cfg = Settings({**cfg, **given}, given={*given, *edited}, script=script if shipped else "",
                    sources={**{k: f"{script} (edited)" for k in edited}, **{k: "the command line" for k in given}})
@@ -257,6 +273,10 @@ def adopt_recorded(cfg, record, source, names=("img_size", "resize", "select_fra
         if name not in cfg or record.get(name) is None:
             continue
         if name in cfg.given:
+            if cfg[name] != record[name] and name == "select_fraction" and not cfg.get("other_selection"):
+                raise UserError(f"{source} was made with select_fraction={record[name]}, this run has "
+                                f"{cfg.said(name)}: another selection split chooses on images {source} may have "
+                                "been trained on; give --other_selection=True to do it all the same")
             if cfg[name] != record[name] and not (name == "resize" and resize_of(cfg) == record[name]):
                 print(f"note: {source} was made with {name}={record[name]}; using {cfg.said(name)}")
         elif not (name == "resize" and "img_size" in cfg.given and record[name] != NATIVE):
@@ -264,12 +284,26 @@ def adopt_recorded(cfg, record, source, names=("img_size", "resize", "select_fra
             cfg.fill(name, record[name], source)
 
 
-def adopt_from(cfg, path, made_by):
+def check_selection(selection, recorded, source, allowed=False):
+    """A model made with another selection split than the one choosing now (another
+    select_fraction, or other training files) may have trained on the images that would choose:
+    an error, or with `allowed` (--other_selection=True) a warning."""
+    if "select_fraction" not in recorded or selection == {k: recorded.get(k) for k in selection}:
+        return
+    said = (f"{source} was made with the selection split select_fraction={recorded.get('select_fraction')} "
+            f"(files key {recorded.get('select_key')}), this run's is select_fraction={selection['select_fraction']} "
+            f"(files key {selection['select_key']}): its images may have been trained on")
+    if not allowed:
+        raise UserError(f"{said}; give --other_selection=True to choose on them all the same")
+    warn(said)
+
+
+def adopt_from(cfg, path, made_by, names=("img_size", "resize", "select_fraction")):
     """The settings checkpoint `path` records (preprocessing, selection split) fill those the
     user left alone (adopt_recorded). Returns the record, named."""
     obj = files.torch_load(path, made_by)
     record = obj.get("preprocess", {}) if isinstance(obj, dict) and "arch" in obj else {}
-    adopt_recorded(cfg, record, Path(path).name)
+    adopt_recorded(cfg, record, Path(path).name, names)
     return {**record, "source": Path(path).name, "metrics": obj.get("metrics", {}) if isinstance(obj, dict) else {}}
 
 
@@ -287,7 +321,7 @@ def course_scale(cfg, ckpt_dir):
     if "resize" in cfg.given or cfg.resize == NATIVE or cfg.teacher_norm != "none" \
             or not (Path(ckpt_dir) / files.TEACHER_FILE).exists() or files.teacher_note(ckpt_dir) is not None:
         return
-    cfg.resize = NATIVE
+    cfg.fill("resize", NATIVE, f"{files.TEACHER_FILE} (no note, teacher_norm=none: the course's scale)")
     print(f"note: {files.TEACHER_FILE} has no note and teacher_norm=none, the course's convention, so it is "
           "used as the course trained it: native-scale crops (resize=-1); --resize=0 resizes instead")
 
@@ -311,7 +345,9 @@ def adopt_teacher_settings(cfg, kd_metrics, views_otherwise):
     for name in DISTILLED_WITH:
         if name in cfg and kd_metrics.get(name) is not None:
             cfg.fill(name, kd_metrics[name], "student_kd.pt")
-    cfg.teacher_views = cfg.teacher_views or kd_metrics.get("views") or views_otherwise
+    if not cfg.teacher_views and kd_metrics.get("views"):
+        cfg.fill("teacher_views", kd_metrics["views"], "student_kd.pt")
+    cfg.teacher_views = cfg.teacher_views or views_otherwise
 
 
 def pick_device(name):

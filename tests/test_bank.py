@@ -1,4 +1,5 @@
 """The teacher bank: replayable views, bank hits equal to the inline teacher, keys, resuming."""
+import json
 import os
 import shutil
 
@@ -53,16 +54,17 @@ def bank_setup(sample_root, tmp_path):
 
 def bank_for(root, ckpt, cfg, views=range(2)):
     data = common.load_data(root, settings.resize_of(cfg), splits=("training", "validation"))
-    return common.teacher_for(cfg, ckpt, data, torch.device("cpu"), views), data
+    aug = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
+    return common.teacher_for(cfg, ckpt, data, aug, torch.device("cpu"), views), data
 
 
 def test_a_bank_hit_gives_the_inline_teachers_loss(bank_setup):
     root, ckpt, cfg = bank_setup
     bank, data = bank_for(root, ckpt, cfg)
     assert bank.images == 2 * len(data.train.labels) and bank.path.exists()
-    inline = common.teacher_for(cfg.but(teacher_bank=False), ckpt, data, torch.device("cpu"), range(2))
+    aug = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
+    inline = common.teacher_for(cfg.but(teacher_bank=False), ckpt, data, aug, torch.device("cpu"), range(2))
     assert isinstance(inline, common.InlineTeacher)
-    aug = common.augment_of(cfg)
     kd_bank, kd_inline = (common.distill_loss(t, 4.0, 0.5) for t in (bank, inline))
     torch.manual_seed(1)
     student = common.StudentNet(num_classes=11).eval()
@@ -160,7 +162,7 @@ def test_later_stages_distil_with_the_teacher_settings_student_kd_records():
     cfg = settings.Settings({"teacher_norm": "none", "teacher_views": 0})
     settings.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (cfg.teacher_norm, cfg.teacher_views) == ("imagenet", 10)
-    assert cfg.provenance() == "settings: teacher_norm=imagenet from student_kd.pt"
+    assert cfg.provenance() == "settings: teacher_norm=imagenet, teacher_views=10 from student_kd.pt"
     given = settings.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
     settings.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (given.teacher_norm, given.teacher_views) == ("none", 4)
@@ -183,3 +185,20 @@ def test_a_view_is_the_same_in_a_batch_of_one_at_real_size():
             assert torch.equal(aug.apply(images, torch.tensor([i]), draws)[0], together[i]), i
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_bank_of_other_view_code_or_precision_is_never_served(bank_setup, monkeypatch):
+    root, ckpt, cfg = bank_setup
+    first, _ = bank_for(root, ckpt, cfg, views=range(1))
+    key = json.loads(first.key)
+    assert key["precision"] == "cpu, float32" and len(key["view_code"]) == 16
+    # the logits of a GPU run (bf16) stored under this run's file name: read, seen to be another key, rebuilt
+    with np.load(first.path, allow_pickle=False) as z:
+        views = {k: z[k] for k in z.files if k != "key"}
+    np.savez(first.path, key=np.array(json.dumps({**key, "precision": "cuda, bfloat16"}, sort_keys=True)), **views)
+    again, _ = bank_for(root, ckpt, cfg, views=range(1))
+    assert again.images == again.n
+    # the code that makes a view's pixels changed: another bank
+    monkeypatch.setattr(common, "view_code_key", lambda: "changed-augment")
+    changed, _ = bank_for(root, ckpt, cfg, views=range(1))
+    assert changed.path != first.path and changed.images == changed.n

@@ -6,6 +6,7 @@ import shutil
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 import common
@@ -67,7 +68,10 @@ def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
         with np.load(ck / name, allow_pickle=False):
             pass
     assert "QAT: student_pruned through mix3's codes, 1 epochs (distillation" in out
+    assert "QAT mix3 epoch   1/1" in out and "select loss" not in out.split("QAT mix3 epoch")[1].splitlines()[0]
+    assert "control: student_pruned in float, 1 epochs (distillation" in out  # the same epochs, in float
     assert "student_pruned.mix3 (post-training)" in out and "student_pruned.qat.mix3" in out
+    assert "student_pruned.ft.mix3 (float fine-tune, post-training)" in out
     assert "the teacher is not loaded" in out  # QAT read the bank 02 built
     front = [line for line in out.splitlines() if re.search(r"\s\*\s*(<-)?\s*$", line)]
     assert front, "the frontier marks some files"
@@ -90,13 +94,31 @@ def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pip
     proc = run_script("04_quantize.py", *plain)  # the script's defaults would be 224 / 256 px
     assert proc.returncode == 0, proc.stderr
     assert "(18 px stored, 16 px crops)" in proc.stdout and "note:" not in proc.stdout
-    assert "selection 11 (held out" in proc.stdout and "differs" not in proc.stderr
-    proc = run_script("04_quantize.py", *plain, "--img_size=17", "--select_fraction=0.2")
+    assert "selection 11 (held out" in proc.stdout and "trained on" not in proc.stderr
+    proc = run_script("04_quantize.py", *plain, "--img_size=17", "--select_fraction=0.2", "--other_selection=True")
     assert proc.returncode == 0, proc.stderr
     assert "note: student_kd.pt was made with img_size=16; using --img_size=17" in proc.stdout
     assert "note: student_kd.pt was made with select_fraction=0.1; using --select_fraction=0.2" in proc.stdout
     assert "(19 px stored, 17 px crops)" in proc.stdout
-    assert "selection split differs from the one student_kd.pt was made with" in proc.stderr
+    assert "student_kd.pt was made with the selection split select_fraction=0.1" in proc.stderr and "may have been trained on" in proc.stderr
+
+
+@pytest.mark.parametrize("script, extra", [("03_prune.py", []), ("04_quantize.py", []),
+                                           ("02_distill.py", ["--from_scratch=False", "--epochs=1"])])
+def test_another_selection_split_is_an_error_unless_asked_for(pipeline, tmp_path, script, extra):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    source = "student_scratch.pt" if script == "02_distill.py" else "student_kd.pt"
+    proc = run_script(script, *args, f"--ckpt_dir={work}", "--select_fraction=0.3", *extra)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"error: {source} was made with select_fraction=0.1, this run has "
+                                  "--select_fraction=0.3") and "--other_selection=True" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if script == "03_prune.py":  # asked for: it runs, and warns
+        proc = run_script(script, *args, f"--ckpt_dir={work}", "--select_fraction=0.3", "--other_selection=True",
+                          "--prune_count=1", "--finetune_epochs=0", "--max_acc_drop=1")
+        assert proc.returncode == 0 and "may have been trained on" in proc.stderr, proc.stderr
 
 
 def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path):

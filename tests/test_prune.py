@@ -22,12 +22,14 @@ def trained_looking_student(widths=None, seed=0):
 
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.77, 1.0])
 def test_dropping_dead_channels_changes_no_output(keep):
+    """Channels whose gamma is 0 still feed the next conv the constant ReLU6(beta): with betas
+    kept (some negative, some past ReLU6's 6), the slim model must fold that into the bias."""
     model = trained_looking_student()
-    for g in prune.GROUPS:  # the channels slim will drop get gamma = beta = 0
+    for g in prune.GROUPS:  # the channels slim will drop get gamma = 0; their betas stay
         width = model.widths[g - 1]
         dead = prune.importance(model, g).argsort()[: width - max(1, round(keep * width))]
         model.cnn[g][1].weight.data[dead] = 0
-        model.cnn[g][1].bias.data[dead] = 0
+        model.cnn[g][1].bias.data[dead] = torch.linspace(-1.0, 8.0, len(dead))
     small = prune.slim(model, keep).eval()
     expected = [max(1, round(keep * w)) for w in model.widths[:7]] + [model.widths[7]]
     assert small.widths == expected
@@ -83,3 +85,10 @@ def test_bad_prune_groups_are_a_clear_error():
     for text in ("0,1", "8", "a", ""):
         with pytest.raises(running.UserError, match="block numbers from 1 to 7"):
             prune.parse_groups(text)
+
+
+def test_round_names_never_collide():
+    assert prune.round_names([0.8 ** k for k in range(1, 6)]) == ["0.800", "0.640", "0.512", "0.410", "0.328"]
+    close = [0.9995 ** k for k in range(1, 4)]
+    names = prune.round_names(close)
+    assert names == ["0.9995", "0.9990", "0.9985"] and len(set(names)) == 3

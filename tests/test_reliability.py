@@ -13,6 +13,7 @@ import torch
 
 import common
 from support import files, images, plots, running, settings
+from support.resume import Resumable
 from conftest import FAST, load_script, overridden, run_script, snapshot, start, wait_for
 
 
@@ -154,7 +155,7 @@ def test_resume_uses_the_recorded_settings_or_refuses_other_given_ones(sample_ro
         assert refused.stdout == "" and "Traceback" not in refused.stderr
     resumed = run_script("01_architecture.py", *args, "--resume=True")  # 01's default is 40 epochs
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming with epochs=3, as student_scratch.pt.resume.pt records" in resumed.stdout
+    assert "; epochs=3 from student_scratch.pt.resume.pt" in resumed.stdout  # the settings: line
     assert "scratch epoch   3/3" in resumed.stdout and "/40" not in resumed.stdout
 
 
@@ -307,3 +308,72 @@ def test_the_plot_survives_rounds_that_all_score_the_same(tmp_path):
              "ci_after": (0.8, 1.0)} for k in (0.8, 0.64)]
     plots.plot_rounds(tmp_path / "p.png", rows, {"params": 1000, "bytes": 4000, "acc": 1.0})
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# --- Ctrl-C inside a write, and just after a stage has written ----------------------------------
+
+def test_ctrl_c_inside_torch_save_is_an_interruption_not_a_full_disk(tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"the good state")
+
+    class CtrlCMidway:
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+    with pytest.raises(KeyboardInterrupt):  # torch.save wraps it in a RuntimeError
+        files.atomic_write(path, lambda f: torch.save({"w": torch.zeros(100_000)}, CtrlCMidway(f)))
+    assert path.read_bytes() == b"the good state" and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.02, 0.1])
+def test_ctrl_c_just_after_a_stage_wrote_is_one_line_or_nothing(finished, delay):
+    ck, args = finished
+    proc = start("02_distill.py", [*args, "--epochs=1"])
+    for line in proc.stdout:
+        if line.startswith("wrote "):
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), (proc.returncode, err)  # never killed by the signal itself
+    assert "Traceback" not in err
+    if proc.returncode == 130:
+        assert_one_line(err)
+        assert "its outputs are written" in err
+
+
+def test_a_state_of_another_starting_model_is_not_resumed(sample_root, tmp_path):
+    """Re-running 03 changes student_pruned.pt: a QAT state made from the old one must not go on."""
+    data = common.load_data(sample_root, 18, select_fraction=0.1)
+    path = tmp_path / "m.pt"
+
+    def fit(seed, resume):
+        torch.manual_seed(seed)
+        return common.fit(common.StudentNet(num_classes=11), data, common.cross_entropy(), epochs=1, lr=1e-3,
+                          batch_size=16, augment=common.Augment(16), norm="imagenet", device=torch.device("cpu"),
+                          out=Resumable(path, {"resume": resume}))
+    fit(0, resume=False)
+    assert fit(0, resume=True)["epoch"] == 1  # the same start: the finished state is reused
+    with pytest.raises(running.UserError, match="made with another starting model; delete it"):
+        fit(1, resume=True)
+
+
+def test_a_pruning_round_after_a_sparsity_fine_tune_resumes(finished):
+    """The round's own fine-tune has no L1 term, though the stage's sparsity setting has one."""
+    ck, args = finished
+    extra = ["--sparsity=1e-4", "--sparsity_epochs=1", "--finetune_epochs=8", "--prune_count=1", "--max_acc_drop=1"]
+    proc = start("03_prune.py", [*args, *extra])
+    wait_for(ck / "student_pruned_0.800_global_sparse.pt.resume.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_script("03_prune.py", *args, *extra, "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming round 1 from" in resumed.stdout and "resuming sparsity from" in resumed.stdout

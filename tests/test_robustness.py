@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+from support import files, running
 from conftest import FAST, run_script, snapshot, start, wait_for
 
 
@@ -210,3 +211,35 @@ def test_a_resumable_state_of_another_run_is_a_clear_error(workspace, tmp_path):
     torch.save({"model": other.state_dict(), "epoch": 1}, ck / "student_scratch.pt.resume.pt")
     proc = run_script("01_architecture.py", *train_args(root, ck, tmp_path, epochs=2), "--resume=True")
     assert_clean_error(proc, "not a resumable state of this version")
+
+
+def test_rounds_that_round_to_the_same_keep_get_files_of_their_own(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    run = run_script("03_prune.py", *args, f"--ckpt_dir={work}", "--prune_rate=0.9995", "--prune_count=3",
+                     "--finetune_epochs=0", "--max_acc_drop=1")
+    assert run.returncode == 0, run.stderr
+    assert {p.name for p in work.glob("student_pruned_0.99*")} == {
+        f"student_pruned_{k}_global.pt" for k in ("0.9995", "0.9990", "0.9985")}
+
+
+def test_publish_refuses_two_outputs_of_one_name_before_touching_anything(tmp_path):
+    (tmp_path / "a.pt").write_bytes(b"old")
+    files.new_path(tmp_path / "a.pt").write_bytes(b"new")
+    with pytest.raises(running.UserError, match="a.pt: two outputs of this run share the name"):
+        files.publish(tmp_path, [tmp_path / "a.pt", tmp_path / "a.pt"])
+    assert (tmp_path / "a.pt").read_bytes() == b"old" and not (tmp_path / files.RESULTS).exists()
+
+
+def test_a_crop_larger_than_the_recorded_stored_size_brings_its_own(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    plain = [a for a in args if not a.startswith(("--img_size", "--resize", "--ckpt_dir"))]
+    run = run_script("03_prune.py", *plain, f"--ckpt_dir={work}", "--img_size=40", "--prune_count=1",
+                     "--finetune_epochs=0", "--max_acc_drop=1")  # student_kd.pt: 16 px crops stored at 18
+    assert run.returncode == 0, run.stderr
+    assert "(46 px stored, 40 px crops)" in run.stdout
+    too_small = run_script("03_prune.py", *plain, f"--ckpt_dir={work}", "--img_size=40", "--resize=30")
+    assert_clean_error(too_small, "resize=30 is smaller than the crop, img_size=40")

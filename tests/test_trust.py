@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import common
+from support import files, images, reports, running, stats
 from support.resume import Resumable
-from support import files, images, reports, running, settings, stats
 from conftest import load_script
 
 prune = load_script("03_prune.py")
