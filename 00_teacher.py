@@ -84,8 +84,8 @@ def main():
         val = score(teacher, {"norm": cfg.teacher_norm})
         outputs = files.save_teacher(ckpt_dir, common.cpu_state_dict(teacher), cfg.teacher_norm,
                                      {"img_size": cfg.img_size, "val_acc": val.acc, **data.selection})
-        chosen = {"select_acc": round(best["select_acc"], 4), "chosen_on": data.chosen_on}
-        print(f"teacher: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on})")
+        chosen = {"select_acc": round(best["select_acc"], 4)}
+        print(f"teacher: val acc {val} (the last of {best['epoch']} epochs)")
     size_of = files.new_path(path) if outputs else path
     record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size, **chosen)
     files.say_written(files.publish(ckpt_dir, outputs, [record],

@@ -127,8 +127,8 @@ def main():
     val = common.Scorer(data, cfg, device)(model, preprocess)
     record = common.model_record("1 architecture", "student_scratch", model, files.new_path(path), val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
-                                 chosen_on=data.chosen_on, seed=cfg.seed)
-    print(f"\nscratch student: val acc {val} (epoch {best['epoch']}, chosen on {data.chosen_on}; "
+                                 seed=cfg.seed)
+    print(f"\nscratch student: val acc {val} (the last of {best['epoch']} epochs; "
           f"{describe_preprocess(preprocess, cfg)})")
     files.say_written(files.publish(ckpt_dir, [path], [record], finished=[Resumable(path, cfg).state]))
 

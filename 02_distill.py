@@ -85,7 +85,7 @@ def main():
     kd_val = score(student, preprocess)
     record = common.model_record("2 distillation", "student_kd", student, files.new_path(path), kd_val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
-                                 chosen_on=data.chosen_on, seed=cfg.seed, temperature=cfg.temperature,
+                                 seed=cfg.seed, temperature=cfg.temperature,
                                  alpha=cfg.alpha)
 
     def table_row(name, val, seen):
@@ -97,7 +97,7 @@ def main():
         scratch_val = score(scratch, scratch_preprocess)
         rows.append(table_row("student from scratch", scratch_val, scratch_preprocess))
     rows.append(table_row("distilled student", kd_val, preprocess))
-    print(f"\nvalidation accuracy ({kd_val.n} images; epochs chosen on {data.chosen_on})")
+    print(f"\nvalidation accuracy ({kd_val.n} images; each model's last epoch)")
     print(reports.format_table(rows, list(rows[0])))
     if scratch_val is not None:
         print("\ndistilled vs scratch on the same images")

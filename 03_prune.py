@@ -254,7 +254,7 @@ def main():
                                        select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on))
     print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}), "
           f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
-          f"epochs and the round chosen on {data.chosen_on}")
+          f"the round chosen on {data.chosen_on}")
     print(reports.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
                                       "selection after"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "

@@ -214,7 +214,7 @@ def main():
               "the last kept")
         common.fit(FakeQuant(model, variant) if variant else model, data, loss, epochs=cfg.qat_epochs, lr=cfg.qat_lr,
                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=augment, views=cfg.teacher_views,
-                   keep="last", norm=preprocess["norm"], device=device, out=Resumable(path, cfg),
+                   norm=preprocess["norm"], device=device, out=Resumable(path, cfg),
                    desc=f"QAT {variant}" if variant else "float")
         tuned = common.load_model(files.new_path(path))[0]
         for v in [variant] if variant else qat_variants:

@@ -516,23 +516,23 @@ def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
 # ============================================================================================
 
 def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycle", weight_decay=0.0,
-        views=None, sparsity=0.0, keep="best", norm, device, out, desc="train", notes=None):
+        views=None, sparsity=0.0, norm, device, out, desc="train", notes=None):
     """Train with AdamW, the learning rate one-cycle (peak `lr`) or constant, minimising
     loss(logits, batch) (+ sparsity * the L1 of the BatchNorm gammas) on `augment`ed views of
     data.train: epoch e trains on view e mod `views` (default: a new view every epoch).
 
-    Keeps the epoch that scores best on the selection split (never on validation, unless
-    select_fraction=0), or with keep="last" the last epoch, in out.best (`<path>.new`), for
-    the stage to publish() when it has finished; after every epoch a resumable state goes to
-    out.state, which out.resume continues (a finished state just returns). Returns the kept
-    epoch's metrics (with `notes`, which the checkpoint records too)."""
+    Keeps the last epoch in out.best (`<path>.new`), for the stage to publish() when it has
+    finished: a one-cycle schedule ends where it has converged, and a model whose epoch was not
+    picked on the selection split keeps an honest score there for the choices of 03 and 04.
+    The selection split is scored after every epoch, to watch. After every epoch a resumable
+    state goes to out.state, which out.resume continues (a finished state just returns).
+    Returns the last epoch's metrics (with `notes`, which the checkpoint records too)."""
     model = prepare(model, device)
     views = views or epochs
     training = {"epochs": epochs, "lr": lr, "schedule": schedule, "weight_decay": weight_decay,
                 "batch_size": batch_size, "augment": [augment.crop, augment.rotate, augment.jitter, augment.seed],
-                "loss": getattr(loss, "describe", "custom"), "views": views, "sparsity": sparsity, "keep": keep,
-                "norm": norm, "widths": arch_of(model).get("widths"), "data": data.files_key,
-                "start": weights_key(model)}
+                "loss": getattr(loss, "describe", "custom"), "views": views, "sparsity": sparsity, "norm": norm,
+                "widths": arch_of(model).get("widths"), "data": data.files_key, "start": weights_key(model)}
     preprocess = {"norm": norm, "img_size": augment.crop, "resize": data.resize, **data.selection}
     train_x, train_y = to_device_images(data.train, device)
     sel_x, sel_y = to_device_images(data.select, device)
@@ -544,10 +544,10 @@ def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycl
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     else:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
-    start, best = 0, {"select_acc": -1.0}
+    start, kept = 0, {}
     state = out.load(training)
     if state is not None:
-        start, best = restore(state, out.state, model, opt, sched)
+        start, kept = restore(state, out.state, model, opt, sched)
         print(f"resuming {desc} from {out.state} after epoch {start}" + (" (it had finished)" if start == epochs else ""))
     for epoch in range(start, epochs):
         try:
@@ -559,22 +559,14 @@ def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycl
                      else "none yet, the first epoch had not finished")
             raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; the previous outputs are as "
                               f"they were; resumable state: {where}") from None
-        line, mark = f"{desc} epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.3f} acc {train_acc:.3f}", ""
-        if keep == "last":
-            best = {"epoch": epoch + 1, "views": views, **(notes or {})}
-            save_checkpoint(out.best, model, preprocess, best)
-        else:
-            sel_loss, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
-            sel_acc = float(correct.mean())
-            line += f"  {sel_name} loss {sel_loss:.3f} acc {sel_acc:.3f}"
-            if sel_acc > best["select_acc"]:
-                best = {**epoch_metrics(sel_acc, sel_loss, epoch + 1, views), **(notes or {})}
-                save_checkpoint(out.best, model, preprocess, best)
-                mark = "  * best"
+        sel_loss, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
+        kept = {**epoch_metrics(float(correct.mean()), sel_loss, epoch + 1, views), **(notes or {})}
+        save_checkpoint(out.best, model, preprocess, kept)
         out.save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best}, training)
-        print(f"{line}  {seconds:5.1f}s {speed:6.0f} img/s{mark}", flush=True)
-    return best
+                  "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": kept}, training)
+        print(f"{desc} epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.3f} acc {train_acc:.3f}  {sel_name} loss "
+              f"{sel_loss:.3f} acc {kept['select_acc']:.3f}  {seconds:5.1f}s {speed:6.0f} img/s", flush=True)
+    return kept
 
 
 def epoch_metrics(select_acc=0.0, select_loss=0.0, epoch=1, views=1):

@@ -68,7 +68,7 @@ def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
         with np.load(ck / name, allow_pickle=False):
             pass
     assert "QAT: student_pruned through mix3's codes, 1 epochs (distillation" in out
-    assert "QAT mix3 epoch   1/1" in out and "select loss" not in out.split("QAT mix3 epoch")[1].splitlines()[0]
+    assert "QAT mix3 epoch   1/1" in out and "the last kept" in out
     assert "control: student_pruned in float, 1 epochs (distillation" in out  # the same epochs, in float
     assert "student_pruned.mix3 (post-training)" in out and "student_pruned.qat.mix3" in out
     assert "student_pruned.ft.mix3 (float fine-tune, post-training)" in out
@@ -128,4 +128,7 @@ def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path
     proc = run_script("02_distill.py", *args, f"--ckpt_dir={work}", "--epochs=1", "--select_fraction=0")
     assert proc.returncode == 0, proc.stderr
     assert "distill epoch   1/1" in proc.stdout and "  val loss" in proc.stdout
-    assert "chosen on validation (optimistic)" in proc.stdout
+    proc = run_script("03_prune.py", *args, f"--ckpt_dir={work}", "--prune_count=1", "--finetune_epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"select_fraction=0.0[^;]* from student_kd.pt", proc.stdout)
+    assert "the round chosen on validation (optimistic)" in proc.stdout
