@@ -9,7 +9,8 @@ Prunes prune_count times, each time independently from student_kd.pt, keeping
 prune_rate**k of the channels in round k, and fine-tunes each pruned model (a fresh optimizer
 on its own parameters; the distillation loss when the teacher is there, read from the teacher
 bank 02 built, so the teacher is not even loaded when the bank holds the views). The smallest
-model within max_acc_drop of student_kd is saved as checkpoints/student_pruned.pt.
+round close to student_kd on the selection split (its cross-entropy there at most max_loss_rise
+above student_kd's) is saved as checkpoints/student_pruned.pt.
 
     python 03_prune.py
     python 03_prune.py --method=global --sparsity=1e-4 --sparsity_epochs=3
@@ -19,7 +20,7 @@ import torch
 
 from support import files, plots, reports
 from support.resume import Resumable, check_resume
-from support.running import UserError, run, warn
+from support.running import UserError, run
 from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
@@ -39,7 +40,9 @@ schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (th
 weight_decay = 0.05  # AdamW weight decay
 sparsity = 0.0  # L1 weight on BN gammas in a fine-tune before pruning, e.g. 1e-4
 sparsity_epochs = 0  # epochs of that sparsity fine-tune (0 = none)
-max_acc_drop = 0.01  # student_pruned.pt: the smallest round within this of student_kd, on the selection split
+choose_by = "loss"  # student_pruned.pt: the smallest round whose selection loss (cross-entropy) is within max_loss_rise of student_kd's; acc: whose selection accuracy is within max_acc_drop
+max_loss_rise = 0.02  # allowed rise of the selection loss over student_kd's, as a fraction (0.02: 2%, about 1 point of accuracy)
+max_acc_drop = 0.01  # allowed drop of the selection accuracy below student_kd's, with choose_by=acc
 temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there)
 alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
@@ -166,16 +169,6 @@ def round_names(keeps):
     return [f"{keep:.3f}r{k}" for k, keep in enumerate(keeps, 1)]
 
 
-def choose_smallest(rows, kd_select, max_acc_drop):
-    """The smallest round whose selection accuracy is within max_acc_drop of student_kd's."""
-    ok = [r for r in rows if r["select_after"] >= kd_select - max_acc_drop]
-    if ok:
-        return min(ok, key=lambda r: r["params"])
-    warn(f"no round is within max_acc_drop={max_acc_drop} of student_kd ({kd_select:.4f} on the "
-                "selection split); keeping the most accurate one there")
-    return max(rows, key=lambda r: r["select_after"])
-
-
 def main():
     cfg = configure(globals())
     groups = parse_groups(cfg.prune_groups)
@@ -203,7 +196,7 @@ def main():
     if cfg.use_teacher and longest and (ckpt_dir / files.TEACHER_FILE).exists():
         asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(min(cfg.teacher_views, longest)))
         loss = common.distill_loss(asked, cfg.temperature, cfg.alpha)
-    print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}; "
+    print(f"student_kd: {kd_params:,} params, val acc {kd_val}, selection acc {kd_select}, loss {kd_select.loss:.4f}; "
           f"fine-tuning with {'distillation' if asked else 'cross-entropy'}")
 
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
@@ -237,7 +230,8 @@ def main():
                      "macs": common.count_macs(model.cpu(), cfg.img_size),
                      "bytes": files.file_bytes(files.new_path(path)),
                      "acc_before": before.acc, "acc_after": after.acc, "ci_after": after.interval(),
-                     "select_after": select.acc, "val before": before, "val after [95% CI]": after,
+                     "select_after": select.acc, "select": select, "select loss": round(select.loss, 4),
+                     "val before": before, "val after [95% CI]": after,
                      "selection after": select, "path": path, "score": after, "model": model})
         records.append(common.model_record("3 pruning", path.stem, model, files.new_path(path), after,
                                            cfg.img_size, keep=rows[-1]["keep"], method=cfg.method,
@@ -245,7 +239,7 @@ def main():
                                            chosen_on=data.chosen_on))
 
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
-    chosen = choose_smallest(rows, kd_select.acc, cfg.max_acc_drop)
+    chosen = common.smallest_close(rows, lambda r: r["params"], kd_select, cfg, "round")
     final = ckpt_dir / "student_pruned.pt"
     blob = files.new_path(chosen["path"]).read_bytes()
     files.atomic_write(files.new_path(final), lambda f: f.write(blob))
@@ -256,10 +250,11 @@ def main():
           f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
           f"the round chosen on {data.chosen_on}")
     print(reports.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
-                                      "selection after"]))
+                                      "selection after", "select loss"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
-          f"selection acc {chosen['select_after']:.4f} against student_kd's {kd_select.acc:.4f}, "
-          f"allowed drop {cfg.max_acc_drop})")
+          f"selection loss {chosen['select'].loss:.4f} and acc {chosen['select_after']:.4f} against student_kd's "
+          f"{kd_select.loss:.4f} and {kd_select.acc:.4f}; the rule: the smallest round with "
+          f"{common.rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
     plots.plot_rounds(files.new_path(plot), rows, {"params": kd_params, "bytes": files.file_bytes(kd_path),
                                                    "acc": kd_val.acc})

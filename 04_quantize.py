@@ -6,8 +6,8 @@ rounded to uint8, min and max stored beside. Beyond the homework: per-output-cha
 quantization-aware fine-tuning (QAT): the model trains through the very codes its file will
 hold, so 3 and 4 bits keep what post-training quantization loses. Files: support/qfile.py.
 
-The final model is the smallest file within max_acc_drop of student_kd's accuracy on the
-selection split (validation only reports). Prints every file as a bytes-vs-accuracy frontier
+The final model is the smallest file close to student_kd on the selection split (its
+cross-entropy there at most max_loss_rise above student_kd's; validation only reports). Prints every file as a bytes-vs-accuracy frontier
 (and draws it, frontier.png), what QAT bought, writes predictions.csv in the course's format,
 and ends with the table of every stage and each stage against the one before.
 
@@ -46,7 +46,9 @@ use_teacher = True  # QAT with the distillation loss when teacher_resnet18.bin e
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it
 seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
-max_acc_drop = 0.01  # the final model: the smallest file within this of student_kd's accuracy on the selection split
+choose_by = "loss"  # the final model: the smallest file whose selection loss (cross-entropy) is within max_loss_rise of student_kd's; acc: whose selection accuracy is within max_acc_drop
+max_loss_rise = 0.02  # allowed rise of the selection loss over student_kd's, as a fraction (0.02: 2%, about 1 point of accuracy)
+max_acc_drop = 0.01  # allowed drop of the selection accuracy below student_kd's, with choose_by=acc
 select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record unless you set it
 other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 
@@ -223,29 +225,26 @@ def main():
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
 
-    # --- the frontier, and the final model: the smallest file within max_acc_drop of student_kd on selection
+    # --- the frontier, and the final model: the smallest file close to student_kd on selection
     reports.pareto(rows)
-    fits = [r for r in rows if r["select"].acc >= kd_select.acc - cfg.max_acc_drop]
-    if not fits:
-        warn(f"no file is within max_acc_drop={cfg.max_acc_drop} of student_kd ({kd_select.acc:.4f} "
-             "on the selection split); taking the most accurate one there")
-    final = min(fits, key=lambda r: (r["bytes"], -r["select"].acc)) if fits else max(rows, key=lambda r: r["select"].acc)
+    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file")
     table = [{"file": r["path"].name, "bytes": r["bytes"], reports.VAL_COLUMN: r["val"], SELECT_COLUMN: r["select"],
-              "front": r["front"], "final": "<-" if r is final else ""} for r in sorted(rows, key=lambda r: r["bytes"])]
+              "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""} for r in sorted(rows, key=lambda r: r["bytes"])]
     print(f"\nevery file, smallest first (accuracy after decoding, fp32; validation {kd_val.n} images, selection "
           f"{len(data.select.labels)}; front: no smaller file is as accurate on validation)")
     print(reports.format_table(table, list(table[0])))
     print_qat_gain(rows, qat_paths)
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
-          f"val acc {final['val']} (selection {final['select'].acc:.4f}; student_kd {kd_select.acc:.4f} there, "
-          f"allowed drop {cfg.max_acc_drop})")
+          f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
+          f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with "
+          f"{common.rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
         r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc
     plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final)
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
-                    "select_acc": round(final["select"].acc, 4), "chosen_on": data.chosen_on})
+                    "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4), "chosen_on": data.chosen_on})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])

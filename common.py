@@ -29,7 +29,7 @@ from support.images import NATIVE, Split, class_names, load_split, make_sample, 
 from support.reports import score_fields
 from support.resume import restore, weights_key
 from support.settings import check_selection, resize_of
-from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt
+from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt, warn
 from support.stats import Score
 
 interrupts_as_keyboard_interrupt()
@@ -559,18 +559,18 @@ def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycl
                      else "none yet, the first epoch had not finished")
             raise Interrupted(f"epoch {epoch + 1} of {desc} was abandoned; the previous outputs are as "
                               f"they were; resumable state: {where}") from None
-        sel_loss, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
-        kept = {**epoch_metrics(float(correct.mean()), sel_loss, epoch + 1, views), **(notes or {})}
+        sel_losses, correct = evaluate(model, sel_x, sel_y, batch_size, augment.crop, norm)
+        kept = {**epoch_metrics(float(correct.mean()), float(sel_losses.mean()), epoch + 1, views), **(notes or {})}
         save_checkpoint(out.best, model, preprocess, kept)
         out.save({"model": cpu_state_dict(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                   "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": kept}, training)
         print(f"{desc} epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.3f} acc {train_acc:.3f}  {sel_name} loss "
-              f"{sel_loss:.3f} acc {kept['select_acc']:.3f}  {seconds:5.1f}s {speed:6.0f} img/s", flush=True)
+              f"{kept['select_loss']:.3f} acc {kept['select_acc']:.3f}  {seconds:5.1f}s {speed:6.0f} img/s", flush=True)
     return kept
 
 
 def epoch_metrics(select_acc=0.0, select_loss=0.0, epoch=1, views=1):
-    """What fit() records of the best epoch in its checkpoint (01 sizes a file with it)."""
+    """What fit() records of the epoch it keeps (the last) in its checkpoint (01 sizes a file with it)."""
     return {"select_acc": select_acc, "select_loss": select_loss, "epoch": epoch, "views": views}
 
 
@@ -621,15 +621,15 @@ def plain_fp32(device):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size, crop, norm):
-    """(mean cross-entropy, per-image correctness as a bool array) on centre crops, in fp32."""
+    """(per-image cross-entropy, per-image correctness as a bool array) on centre crops, in fp32."""
     model.eval()
-    total_loss, correct = 0.0, []
+    losses, correct = [], []
     with plain_fp32(images.device):
         for x, y in eval_batches(images, labels, batch_size, crop):
             logits = model(normalize(x, norm)).float()
-            total_loss += F.cross_entropy(logits, y, reduction="sum")
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
             correct.append(logits.argmax(1) == y)
-    return float(total_loss) / len(labels), torch.cat(correct).cpu().numpy()
+    return torch.cat(losses).cpu().numpy(), torch.cat(correct).cpu().numpy()
 
 
 @torch.no_grad()
@@ -667,12 +667,40 @@ class Scorer:
             images = getattr(self.by_storage[stored], split)
             self.on_device[stored, split] = (*to_device_images(images, self.device), names_key(images.names))
         x, y, key = self.on_device[stored, split]
-        _, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
-        return Score(correct, key)
+        losses, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
+        return Score(correct, key, losses)
 
     def both(self, model, preprocess):
         """(validation Score, selection Score)."""
         return self(model, preprocess), self(model, preprocess, "select")
+
+
+def close_to(reference, choose_by, max_loss_rise, max_acc_drop):
+    """The test 03 and 04 put to a model's selection Score against student_kd's there (same
+    images): its mean cross-entropy at most (1 + max_loss_rise) times student_kd's (loss), or
+    its accuracy at most max_acc_drop below (acc). On a few hundred images the loss is about
+    twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
+    if choose_by == "loss":
+        return lambda s: s.loss <= reference.loss * (1 + max_loss_rise)
+    return lambda s: s.acc >= reference.acc - max_acc_drop
+
+
+def rule_text(choose_by, max_loss_rise, max_acc_drop):
+    return (f"selection loss at most {max_loss_rise:.0%} above student_kd's" if choose_by == "loss"
+            else f"selection accuracy at most {max_acc_drop} below student_kd's")
+
+
+def smallest_close(rows, size, reference, cfg, what):
+    """The smallest of `rows` (by size(row)) whose selection Score row["select"] passes
+    close_to(reference); where none does, the best on the selection split (said as a warning)."""
+    close = close_to(reference, cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)
+    better = (lambda s: -s.loss) if cfg.choose_by == "loss" else (lambda s: s.acc)
+    fits = [r for r in rows if close(r["select"])]
+    if fits:
+        return min(fits, key=lambda r: (size(r), -better(r["select"])))
+    warn(f"no {what} passes the rule ({rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)}); "
+         "keeping the best one there")
+    return max(rows, key=lambda r: better(r["select"]))
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

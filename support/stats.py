@@ -6,12 +6,17 @@ import numpy as np
 
 
 class Score:
-    """An accuracy on a fixed list of images, kept as per-image correctness so that two models
-    can be compared image by image."""
+    """An accuracy on a fixed list of images, kept as per-image correctness (and, where
+    measured, per-image cross-entropy) so that two models can be compared image by image."""
 
-    def __init__(self, correct, key=None):
+    def __init__(self, correct, key=None, losses=None):
         self.correct = np.asarray(correct, dtype=bool)
         self.key = key  # names_key of the images, so that only like is paired with like
+        self.losses = None if losses is None else np.asarray(losses, dtype=np.float64)
+
+    @property
+    def loss(self):
+        return float(self.losses.mean())
 
     @property
     def n(self):

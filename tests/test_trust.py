@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from support import files, images, reports, running, stats
+from support import files, images, reports, running, settings, stats
 from support.resume import Resumable
 from conftest import load_script
 
@@ -85,10 +85,37 @@ def test_validation_chooses_nothing(tmp_path, monkeypatch):
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
-def test_the_pruning_round_is_chosen_on_selection_not_validation():
-    rows = [{"params": 100, "acc_after": 0.90, "select_after": 0.70},
-            {"params": 50, "acc_after": 0.50, "select_after": 0.79}]
-    assert prune.choose_smallest(rows, kd_select=0.80, max_acc_drop=0.01)["params"] == 50
+def selection_score(right, losses):
+    return stats.Score(np.arange(len(losses)) < right, "k", losses)
+
+
+def test_the_round_or_file_is_chosen_on_selection_not_validation(capsys):
+    kd = selection_score(8, [1.0] * 10)
+    rows = [{"params": 100, "val": 0.90, "select": selection_score(7, [1.0] * 10)},
+            {"params": 50, "val": 0.50, "select": selection_score(8, [1.01] * 10)},
+            {"params": 20, "val": 0.95, "select": selection_score(9, [1.5] * 10)}]
+    by_loss = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
+    assert common.smallest_close(rows, lambda r: r["params"], kd, by_loss, "round")["params"] == 50
+    assert common.smallest_close(rows, lambda r: r["params"], kd, by_loss.but(max_loss_rise=0.6), "round")["params"] == 20
+    by_acc = by_loss.but(choose_by="acc")
+    assert common.smallest_close(rows, lambda r: r["params"], kd, by_acc, "round")["params"] == 20
+    assert common.smallest_close(rows[:1], lambda r: r["params"], kd, by_acc, "round")["params"] == 100
+    assert "no round passes the rule (selection accuracy at most 0.01 below" in capsys.readouterr().err
+    fewer_rows = [rows[0], {**rows[1], "select": selection_score(8, [1.03] * 10)}]
+    assert common.smallest_close(fewer_rows, lambda r: r["params"], kd, by_loss, "file")["params"] == 100
+    assert "no file passes" not in capsys.readouterr().err
+
+
+def test_a_score_keeps_each_images_cross_entropy():
+    torch.manual_seed(0)
+    model = common.StudentNet(num_classes=3).eval()
+    x, y = torch.randint(0, 256, (5, 20, 20, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1])
+    losses, correct = common.evaluate(model, x, y, 2, 16, "imagenet")
+    with torch.no_grad():
+        logits = model(common.normalize(common.to_float(x[:, 2:18, 2:18]), "imagenet"))
+    assert np.allclose(losses, torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy(), atol=1e-5)
+    assert (correct == (logits.argmax(1) == y).numpy()).all()
+    assert stats.Score(correct, "k", losses).loss == pytest.approx(float(losses.mean()))
 
 
 # --- intervals and paired tests ---------------------------------------------------------------
