@@ -18,7 +18,7 @@ above student_kd's) is saved as checkpoints/student_pruned.pt.
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
 
-from support import files, plots, reports
+from support import deploy, files, plots, reports
 from support.resume import Resumable, check_resume
 from support.running import UserError, run
 from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device
@@ -33,6 +33,7 @@ batch_size = 64  # images per training step
 prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
 prune_count = 5  # pruning rounds, each from student_kd.pt
 prune_groups = "1,2,3,4,5,6,7"  # channel groups that may be pruned (the course pruned 4-7)
+channel_multiple = 8  # every kept channel count is rounded to a multiple of this (8: the vector width fast runtimes like); 1 = exact counts
 method = "global"  # global: one |gamma| threshold over all groups, at the uniform model's parameter count; uniform: the same fraction per group
 finetune_epochs = 5  # fine-tuning epochs after each pruning
 lr = 1e-3  # peak fine-tuning learning rate (AdamW)
@@ -103,26 +104,35 @@ def slim_counts(model, counts):
     return slim_model
 
 
-def slim(model, keep, groups=GROUPS):
-    """Keep round(keep * width) channels (at least 1) in each group; keep: one float or one per group."""
+def rounded(count, width, multiple):
+    """A channel count rounded to the nearest multiple of `multiple` (at least one multiple, at
+    most the width): a runtime's vector instructions take 8 channels at a time, and a count
+    of 51 runs slower than one of 56."""
+    return min(width, max(multiple, multiple * round(count / multiple)))
+
+
+def slim(model, keep, groups=GROUPS, multiple=1):
+    """Keep round(keep * width) channels (at least 1, rounded to a multiple of `multiple`) in
+    each group; keep: one float or one per group."""
     groups = list(groups)
     keeps = [keep] * len(groups) if isinstance(keep, (int, float)) else list(keep)
     if len(keeps) != len(groups):
         raise ValueError(f"{len(keeps)} keep values for {len(groups)} groups")
-    counts = {g: max(1, round(k * model.widths[g - 1])) for g, k in zip(groups, keeps)}
+    counts = {g: rounded(round(k * model.widths[g - 1]), model.widths[g - 1], multiple) for g, k in zip(groups, keeps)}
     return slim_counts(model.cpu(), counts)
 
 
-def global_counts(model, max_params, groups=GROUPS):
-    """Per-group counts from one |gamma| threshold over all groups (the paper's way), as low
-    as it can go while the slim model has at most max_params parameters."""
+def global_counts(model, max_params, groups=GROUPS, multiple=1):
+    """Per-group counts from one |gamma| threshold over all groups (the paper's way), each
+    rounded to a multiple of `multiple`, as low as it can go while the slim model has at most
+    max_params parameters."""
     groups, model = list(groups), model.cpu()
     scores = torch.cat([importance(model, g) for g in groups])
     owner = torch.cat([torch.full((model.widths[g - 1],), g) for g in groups])
     ranked = owner[scores.argsort(descending=True)]
 
     def counts_for(top):
-        return {g: max(1, int((ranked[:top] == g).sum())) for g in groups}
+        return {g: rounded(int((ranked[:top] == g).sum()), model.widths[g - 1], multiple) for g in groups}
 
     def params(counts):
         widths = list(model.widths)
@@ -151,12 +161,12 @@ def parse_groups(text):
 # The pruning rounds
 # ============================================================================================
 
-def prune_model(base, keep, groups, method):
+def prune_model(base, keep, groups, method, multiple):
     """The round's pruned model: `keep` of each group, or (global) one |gamma| threshold at
-    the uniform model's parameter count."""
-    model = slim(base, keep, groups)
+    the uniform model's parameter count; channel counts rounded to multiples of `multiple`."""
+    model = slim(base, keep, groups, multiple)
     if method == "global":
-        model = slim_counts(base, global_counts(base, common.count_params(model), groups))
+        model = slim_counts(base, global_counts(base, common.count_params(model), groups, multiple))
     return model
 
 
@@ -217,7 +227,7 @@ def main():
     # --- the rounds, each from the same base ------------------------------------------------
     rows, records = [], []
     for k, (keep, path) in enumerate(zip(keeps, round_paths), 1):
-        model = prune_model(base, keep, groups, cfg.method)
+        model = prune_model(base, keep, groups, cfg.method, cfg.channel_multiple)
         before = score(model, preprocess)
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
               f"{common.count_params(model):,} params, val acc {before} before fine-tuning")
@@ -238,6 +248,12 @@ def main():
                                            acc_before=round(before.acc, 4), select_acc=round(select.acc, 4),
                                            chosen_on=data.chosen_on))
 
+    # --- what each round buys in a runtime: ONNX Runtime fp32 at the training batch, interleaved
+    ms = deploy.onnx_latency_ms({"student_kd": kd, **dict(enumerate(r["model"] for r in rows))}, cfg.img_size,
+                                cfg.batch_size)
+    for k, r in enumerate(rows):
+        r[f"ms @{cfg.batch_size}"], r["speed x kd"] = f"{ms[k]:.1f}", f"{ms['student_kd'] / ms[k]:.2f}"
+
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
     chosen = common.smallest_close(rows, lambda r: r["params"], kd_select, cfg, "round")
     final = ckpt_dir / "student_pruned.pt"
@@ -246,11 +262,12 @@ def main():
     records.append(common.model_record("3 pruning", "student_pruned", chosen["model"], files.new_path(final),
                                        chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
                                        select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on))
-    print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}), "
-          f"method {cfg.method}{', after sparsity training' if sparse else ''}, groups {groups}; "
-          f"the round chosen on {data.chosen_on}")
-    print(reports.format_table(rows, ["keep", "params", "macs", "bytes", "val before", "val after [95% CI]",
-                                      "selection after", "select loss"]))
+    print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}, {ms['student_kd']:.1f} ms per "
+          f"batch of {cfg.batch_size} in ONNX Runtime), method {cfg.method}"
+          f"{', after sparsity training' if sparse else ''}, groups {groups}, channel counts in multiples of "
+          f"{cfg.channel_multiple}; the round chosen on {data.chosen_on}")
+    print(reports.format_table(rows, ["keep", "params", "macs", "bytes", f"ms @{cfg.batch_size}", "speed x kd",
+                                      "val before", "val after [95% CI]", "selection after", "select loss"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
           f"selection loss {chosen['select'].loss:.4f} and acc {chosen['select_after']:.4f} against student_kd's "
           f"{kd_select.loss:.4f} and {kd_select.acc:.4f}; the rule: the smallest round with "

@@ -620,26 +620,23 @@ def plain_fp32(device):
 
 
 @torch.no_grad()
+def logits_of(model, images, batch_size, crop, norm):
+    """The logits of the centre crops of `images`, in plain fp32, on the CPU."""
+    model.eval()
+    unlabeled = torch.zeros(len(images), dtype=torch.long)
+    with plain_fp32(images.device):
+        return torch.cat([model(normalize(x, norm)).float().cpu()
+                          for x, _ in eval_batches(images, unlabeled, batch_size, crop)])
+
+
 def evaluate(model, images, labels, batch_size, crop, norm):
     """(per-image cross-entropy, per-image correctness as a bool array) on centre crops, in fp32."""
-    model.eval()
-    losses, correct = [], []
-    with plain_fp32(images.device):
-        for x, y in eval_batches(images, labels, batch_size, crop):
-            logits = model(normalize(x, norm)).float()
-            losses.append(F.cross_entropy(logits, y, reduction="none"))
-            correct.append(logits.argmax(1) == y)
-    return torch.cat(losses).cpu().numpy(), torch.cat(correct).cpu().numpy()
+    logits, labels = logits_of(model, images, batch_size, crop, norm), labels.cpu()
+    return F.cross_entropy(logits, labels, reduction="none").numpy(), (logits.argmax(1) == labels).numpy()
 
 
-@torch.no_grad()
 def predict(model, images, batch_size, crop, norm):
-    model.eval()
-    out = []
-    with plain_fp32(images.device):
-        for x, _ in eval_batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, crop):
-            out.append(model(normalize(x, norm)).argmax(1).cpu())
-    return torch.cat(out)
+    return logits_of(model, images, batch_size, crop, norm).argmax(1)
 
 
 # ============================================================================================
@@ -675,27 +672,20 @@ class Scorer:
         return self(model, preprocess), self(model, preprocess, "select")
 
 
-def close_to(reference, choose_by, max_loss_rise, max_acc_drop):
-    """The test 03 and 04 put to a model's selection Score against student_kd's there (same
-    images): its mean cross-entropy at most (1 + max_loss_rise) times student_kd's (loss), or
-    its accuracy at most max_acc_drop below (acc). On a few hundred images the loss is about
-    twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
-    if choose_by == "loss":
-        return lambda s: s.loss <= reference.loss * (1 + max_loss_rise)
-    return lambda s: s.acc >= reference.acc - max_acc_drop
-
-
 def rule_text(choose_by, max_loss_rise, max_acc_drop):
     return (f"selection loss at most {max_loss_rise:.0%} above student_kd's" if choose_by == "loss"
             else f"selection accuracy at most {max_acc_drop} below student_kd's")
 
 
 def smallest_close(rows, size, reference, cfg, what):
-    """The smallest of `rows` (by size(row)) whose selection Score row["select"] passes
-    close_to(reference); where none does, the best on the selection split (said as a warning)."""
-    close = close_to(reference, cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)
+    """The smallest of `rows` (by size(row)) whose selection Score row["select"] is close to
+    student_kd's there (`reference`, the same images): a mean cross-entropy at most
+    (1 + max_loss_rise) times its (choose_by=loss), or an accuracy at most max_acc_drop below
+    (acc); where none is, the best there, with a warning. On a few hundred images the loss is
+    about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
     better = (lambda s: -s.loss) if cfg.choose_by == "loss" else (lambda s: s.acc)
-    fits = [r for r in rows if close(r["select"])]
+    bar = -reference.loss * (1 + cfg.max_loss_rise) if cfg.choose_by == "loss" else reference.acc - cfg.max_acc_drop
+    fits = [r for r in rows if better(r["select"]) >= bar]
     if fits:
         return min(fits, key=lambda r: (size(r), -better(r["select"])))
     warn(f"no {what} passes the rule ({rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)}); "

@@ -7,8 +7,6 @@ import os
 import pickle
 from pathlib import Path
 
-import torch
-
 from support.running import UserError, interrupted_inside, mark_published, signals_deferred
 
 RESULTS = "results.json"
@@ -38,6 +36,7 @@ def atomic_write(path, write):
 
 
 def atomic_torch_save(obj, path):
+    import torch  # here, not above: predict.py runs this package without PyTorch
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -122,6 +121,7 @@ def torch_load(path, made_by=None):
     if not path.exists():
         hint = f"; run {made_by} first" if made_by else ""
         raise UserError(f"{path}: not found{hint}")
+    import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -151,6 +151,7 @@ def file_bytes(path):
 
 def saved_bytes(obj):
     """The size of the file torch.save would write for obj."""
+    import torch
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.tell()

@@ -1,5 +1,7 @@
 """Images: decoded once (OpenCV), held as one uint8 tensor per split, cached on disk; the
 native-scale canvas of the course's crops; the generated sample."""
+from __future__ import annotations  # the Tensor annotations below need no torch: predict.py decodes without it
+
 import hashlib
 import math
 import os
@@ -11,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from support import files
@@ -33,6 +34,7 @@ class Split:
     native: torch.Tensor = None  # at native scale: N x 2, each original image's height and width
 
     def subset(self, idx):
+        import torch
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()], key=self.key,
                      native=None if self.native is None else self.native[idx])
@@ -160,6 +162,7 @@ def native_crop_ranges(shapes, size, crop):
     """(lo, hi), 2 x N: the canvas offsets a training crop of each image may start at. As the
     course's RandomCrop: anywhere inside an image side at least `crop` long, anywhere in the
     mirrored padding of a shorter one; within the canvas."""
+    import torch
     lo, hi = [], []
     for length in shapes.T.tolist():
         pairs = [((0, n - crop) if n >= crop else (n - crop, 0), canvas_origin(n, size, crop)) for n in length]
@@ -204,6 +207,7 @@ def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
 
     An unreadable labeled image is skipped; an unreadable test image is kept as a black one
     (listed in Split.unreadable) so that the submission still has its row."""
+    import torch
     files = list_images(root, split)
     labels = [parse_label(p) for p in files] if labeled else [-1] * len(files)
     stored = f"native{native_crop}c{size}" if native_crop else str(size)

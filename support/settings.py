@@ -17,8 +17,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from support import files
 from support.images import NATIVE
 from support.running import UserError, warn
@@ -43,6 +41,7 @@ CHECKS = {
     "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "prune_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
     "prune_count": (lambda v: v >= 1, "at least 1"),
+    "channel_multiple": (lambda v: v >= 1, "at least 1 (1 = exact counts)"),
     "max_acc_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "max_loss_rise": (lambda v: v >= 0, "at least 0"),
     "choose_by": (lambda v: v in ("loss", "acc"), "loss or acc"),
@@ -353,6 +352,7 @@ def adopt_teacher_settings(cfg, kd_metrics, views_otherwise):
 
 
 def pick_device(name):
+    import torch  # here, not above: predict.py reads settings without PyTorch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
         if name == "cpu" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

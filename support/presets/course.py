@@ -19,6 +19,7 @@ prune_rate = 0.95
 finetune_epochs = 5
 prune_groups = "4,5,6,7"  # the channel groups its width_mult shrinks
 method = "uniform"
+channel_multiple = 1  # the exact counts round(keep * width)
 sparsity = 0.0  # no L1 on the gammas
 sparsity_epochs = 0
 variants = "fp16,q8"  # float16 and 8 bits per tensor
