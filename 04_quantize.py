@@ -281,8 +281,8 @@ def write_submission(path, written_now, data, cfg, ckpt_dir, device):
     stored = storage(preprocess.get("resize", resize_of(cfg)), crop)
     if stored != storage(resize_of(cfg), cfg.img_size):
         test = load_split(cfg.data_dir, "testing", stored[0], False, cfg.get("cache_dir"), stored[1])
-    preds = common.predict(common.prepare(model, device), test.images.to(device), cfg.batch_size, crop,
-                           preprocess["norm"])
+    preds = common.logits_of(common.prepare(model, device), test.images.to(device), cfg.batch_size, crop,
+                             preprocess["norm"]).argmax(1)
     out = ckpt_dir / "predictions.csv"
     count, unreadable = reports.write_predictions(files.new_path(out), test, preds)
     print(f"predictions for {count} testing images -> {out}"

@@ -635,10 +635,6 @@ def evaluate(model, images, labels, batch_size, crop, norm):
     return F.cross_entropy(logits, labels, reduction="none").numpy(), (logits.argmax(1) == labels).numpy()
 
 
-def predict(model, images, batch_size, crop, norm):
-    return logits_of(model, images, batch_size, crop, norm).argmax(1)
-
-
 # ============================================================================================
 # The score of a model: on validation (reports) or the selection split (chooses)
 # ============================================================================================
@@ -653,9 +649,9 @@ class Scorer:
         self.by_storage = {storage(resize_of(cfg), cfg.img_size): data}
         self.on_device = {}
 
-    def __call__(self, model, preprocess, split="val"):
-        crop = preprocess.get("img_size") or self.cfg.img_size
-        stored = storage(preprocess.get("resize") or resize_of(self.cfg), crop)
+    def images(self, preprocess, split="val"):
+        """(uint8 images, labels, names_key) of a split, stored as `preprocess` says, on the device."""
+        stored = storage(preprocess.get("resize") or resize_of(self.cfg), preprocess.get("img_size") or self.cfg.img_size)
         if (stored, split) not in self.on_device:
             if stored not in self.by_storage:
                 self.by_storage[stored] = load_data(self.cfg.data_dir, stored[0], self.cfg.get("cache_dir"),
@@ -663,8 +659,12 @@ class Scorer:
                                                     self.data.selection["select_fraction"], stored[1])
             images = getattr(self.by_storage[stored], split)
             self.on_device[stored, split] = (*to_device_images(images, self.device), names_key(images.names))
-        x, y, key = self.on_device[stored, split]
-        losses, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size, crop, preprocess["norm"])
+        return self.on_device[stored, split]
+
+    def __call__(self, model, preprocess, split="val"):
+        x, y, key = self.images(preprocess, split)
+        losses, correct = evaluate(prepare(model, self.device), x, y, self.cfg.batch_size,
+                                   preprocess.get("img_size") or self.cfg.img_size, preprocess["norm"])
         return Score(correct, key, losses)
 
     def both(self, model, preprocess):
