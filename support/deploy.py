@@ -4,6 +4,7 @@ images; and timing, interleaved, so that a slow spell of the machine hits every 
 Needs no PyTorch except to export: predict.py runs a deployed file with numpy and OpenCV."""
 import io
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -87,12 +88,14 @@ def quantize_int8(fp32_path, int8_path, calibration):
 
     tmp = Path(int8_path).with_name(f".{Path(int8_path).name}.quant")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # and its logging's advice to pre-process: our graphs are plain
             warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
             quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         files.atomic_write(int8_path, lambda f: f.write(tmp.read_bytes()))
     finally:
+        logging.disable(logging.NOTSET)
         tmp.unlink(missing_ok=True)
 
 

@@ -59,6 +59,10 @@ CHECKS = {
     "recipe": (lambda v: v in ("ours", "course"), "ours or course"),
     "schedule": (lambda v: v in ("onecycle", "constant"), "onecycle or constant"),
     "norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
+    "repeats": (lambda v: v >= 1, "at least 1"),
+    "threads": (lambda v: v >= 1, "at least 1"),
+    "calibration_images": (lambda v: v >= 1, "at least 1"),
+    "min_agreement": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 

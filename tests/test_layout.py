@@ -56,3 +56,9 @@ def test_every_method_function_opens_with_its_method():
         found = {f.name: ast.get_docstring(f) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
         for function, phrase in functions.items():
             assert phrase in " ".join(found[function].split("\n\n")[0].split()), (name, function)
+
+
+def test_the_predictor_imports_no_pytorch():
+    """predict.py ships beside an .onnx file: onnxruntime, numpy and OpenCV only (tests/test_deploy.py
+    runs it where importing torch fails)."""
+    assert not imported(REPO / "predict.py") & {"torch", "torchvision", "common", *STAGES}

@@ -1,0 +1,125 @@
+"""05_deploy.py and predict.py: an ONNX file that predicts what the decoded model predicts, a
+predictor that runs without PyTorch, and bad input as one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import REPO, load_script, run_script
+from support import deploy
+
+deploy_script = load_script("05_deploy.py")
+
+
+@pytest.fixture(scope="module")
+def deployed(pipeline, tmp_path_factory):
+    ck, _, args = pipeline
+    work = tmp_path_factory.mktemp("deploy") / "ck"
+    shutil.copytree(ck, work)
+    keep = [a for a in args if a.startswith(("--data_dir", "--cache_dir"))]
+    run = run_script("05_deploy.py", *keep, f"--ckpt_dir={work}", "--repeats=2", "--batch_size=8")
+    assert run.returncode == 0, run.stderr
+    return work, run, keep
+
+
+def test_every_model_is_exported_checked_and_timed(deployed):
+    ck, run, _ = deployed
+    for name in ("student_kd", "student_pruned", "final"):
+        for suffix in (".onnx", ".int8.onnx"):
+            assert (ck / f"{name}{suffix}").is_file()
+        for runtime in ("PyTorch eager", "PyTorch channels_last", "ONNX Runtime fp32", "ONNX Runtime int8"):
+            assert f"{name.ljust(14)}  {runtime}" in run.stdout
+    assert "speed @8" in run.stdout and "agrees with PyTorch" in run.stdout
+    records = {r["model"]: r for r in json.loads((ck / "results.json").read_text())}
+    final = records["final"]["file"]
+    assert records["final.onnx"]["source"] == final and records["final.onnx"]["agreement"] >= 0.995
+    meta = deploy.metadata(deploy.session(ck / "final.onnx"), "final.onnx")
+    assert meta["img_size"] == 16 and meta["resize"] == 18 and len(meta["classes"]) == 11
+
+
+def test_the_onnx_file_computes_what_the_decoded_model_computes(deployed):
+    ck, _, _ = deployed
+    final = json.loads((ck / "results.json").read_text())
+    final = next(r for r in final if r["model"] == "final")["file"]
+    model, preprocess, _ = common.load_model(ck / final)
+    crops = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model.eval()(common.normalize(common.to_float(crops), preprocess["norm"])).numpy()
+    got = deploy.logits(deploy.session(ck / "final.onnx"), [crops.numpy()])
+    assert np.allclose(got, expected, atol=1e-4)
+
+
+def no_torch_env(tmp_path):
+    """An environment in which `import torch` fails."""
+    shim = tmp_path / "shim" / "torch"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").write_text("raise ImportError('no PyTorch in this process')\n")
+    return {**os.environ, "PYTHONPATH": str(tmp_path / "shim")}
+
+
+def predict(tmp_path, *args):
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], capture_output=True, text=True,
+                          env=no_torch_env(tmp_path), cwd=tmp_path, timeout=120)
+
+
+def test_predict_runs_without_pytorch_and_writes_what_04_wrote(deployed, tmp_path):
+    ck, _, keep = deployed
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env(tmp_path), capture_output=True)
+    assert check.returncode != 0
+    testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
+    run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={testing}", "--out=p.csv")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "p.csv").read_text() == (ck / "predictions.csv").read_text()
+
+
+def test_an_unreadable_image_is_a_warning_and_a_row(deployed, tmp_path):
+    ck, _, keep = deployed
+    folder = tmp_path / "images"
+    shutil.copytree(next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing", folder)
+    (folder / "0100.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={folder}", "--out=p.csv")
+    assert run.returncode == 0, run.stderr
+    assert "0100.jpg: not a readable image" in run.stderr
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(list(folder.iterdir())) and "100,0" in rows
+
+
+def test_bad_model_files_are_one_line(deployed, tmp_path):
+    ck, _, keep = deployed
+    testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
+    (tmp_path / "damaged.onnx").write_bytes((ck / "final.onnx").read_bytes()[:300])
+    (tmp_path / "plain.onnx").write_bytes(deploy.onnx_bytes(common.StudentNet(num_classes=3), torch.zeros(1, 3, 16, 16)))
+    for model, says in [("missing.onnx", "not found"), ("damaged.onnx", "not an ONNX model"),
+                        (str(ck / "student_kd.pt"), "not an ONNX model"), ("plain.onnx", "without our preprocessing")]:
+        run = predict(tmp_path, f"--model={model}", f"--folder={testing}")
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, (model, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1
+    run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={tmp_path / 'nowhere'}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
+def test_05_refuses_what_it_cannot_deploy(deployed, tmp_path):
+    ck, _, keep = deployed
+    for models, says in [("student_nothing", "not found"), ("teacher_resnet18.bin", "is needed here")]:
+        run = run_script("05_deploy.py", *keep, f"--ckpt_dir={ck}", f"--models={models}")
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
+    empty = tmp_path / "ck"
+    empty.mkdir()
+    shutil.copy(ck / "student_kd.pt", empty)
+    run = run_script("05_deploy.py", *keep, f"--ckpt_dir={empty}", "--models=student_kd,final")
+    assert run.returncode == 2 and "no final file recorded" in run.stderr
+
+
+def test_the_deployed_module_is_the_model_on_uint8_crops():
+    model = common.StudentNet(num_classes=4).eval()
+    crops = torch.randint(0, 256, (2, 20, 20, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(common.normalize(common.to_float(crops), "imagenet"))
+        for channels_last in (False, True):
+            assert torch.allclose(deploy_script.Deployed(model, "imagenet", channels_last)(crops), expected, atol=1e-5)
