@@ -3,8 +3,8 @@
 If checkpoints/teacher_resnet18.bin exists (the course's trained file, the shared food101-10
 one, or one this script wrote), evaluate it on validation and stop. Otherwise train one:
 from ImageNet weights when torchvision can load them, else from scratch (as on machines
-without internet), and save the weights of the epoch that scores best on the selection split
-(held out of training) in the course's format (a plain state_dict) with a JSON note of the
+without internet), and save the weights of its last epoch (a one-cycle schedule ends where it
+converged) in the course's format (a plain state_dict) with a JSON note of the
 preprocessing it was trained with.
 
     python 00_teacher.py
@@ -30,7 +30,7 @@ weight_decay = 0.05  # AdamW weight decay
 label_smoothing = 0.1  # cross-entropy label smoothing
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
 pretrained = True  # start from ImageNet weights when torchvision can load them
-select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
+select_fraction = 0.1  # share of training held out (per class) as the selection split, on which 03 and 04 choose; 0 = validation (optimistic)
 seed = 0  # random seed (weights, batch order, augmentation)
 
 data_dir = "data/food-11"  # Food-11 layout: training/, validation/, testing/
@@ -57,7 +57,7 @@ def main():
     cfg = configure(globals())
     ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
     path = ckpt_dir / files.TEACHER_FILE
-    work = ckpt_dir / "teacher_resnet18.pt"  # the best epoch so far, while training
+    work = ckpt_dir / "teacher_resnet18.pt"  # the last finished epoch, while training
     if not path.exists():
         check_resume(cfg, work)
     course_scale(cfg, ckpt_dir)

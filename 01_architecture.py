@@ -32,7 +32,7 @@ weight_decay = 0.05  # AdamW weight decay
 label_smoothing = 0.0  # cross-entropy label smoothing
 base = 16  # student base width
 width_mult = 1.0  # student width multiplier of blocks 3-6
-select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
+select_fraction = 0.1  # share of training held out (per class) as the selection split, on which 03 and 04 choose; 0 = validation (optimistic)
 seed = 0  # random seed (weights, batch order, augmentation)
 bench = True  # time CPU latency and throughput of both models
 

@@ -36,7 +36,7 @@ from_scratch = True  # start the student from random weights, not from student_s
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
 base = 16  # student base width (when from_scratch)
 width_mult = 1.0  # student width multiplier of blocks 3-6 (when from_scratch)
-select_fraction = 0.1  # share of training held out (per class) to choose the best epoch; 0 = choose on validation
+select_fraction = 0.1  # share of training held out (per class) as the selection split, on which 03 and 04 choose; 0 = validation (optimistic)
 other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 seed = 0  # random seed (weights, batch order, augmentation)
 

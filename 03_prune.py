@@ -49,7 +49,7 @@ alpha = 0.5  # distillation weight for fine-tuning
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it
-select_fraction = 0.1  # share of training held out to choose epochs and rounds; student_kd.pt's record unless you set it
+select_fraction = 0.1  # share of training held out to choose rounds; student_kd.pt's record unless you set it
 other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 seed = 0  # random seed (batch order, augmentation); as student_kd.pt records unless you set it
 
@@ -108,7 +108,7 @@ def rounded(count, width, multiple):
     """A channel count rounded to the nearest multiple of `multiple` (at least one multiple, at
     most the width): a runtime's vector instructions take 8 channels at a time, and a count
     of 51 runs slower than one of 56."""
-    return min(width, max(multiple, multiple * round(count / multiple)))
+    return min(width, max(multiple, (count + multiple // 2) // multiple * multiple))  # halves round up
 
 
 def slim(model, keep, groups=GROUPS, multiple=1):
@@ -210,7 +210,7 @@ def main():
           f"fine-tuning with {'distillation' if asked else 'cross-entropy'}")
 
     def fine_tune(model, path, epochs, desc, sparsity=0.0):
-        """Train `model` (a fresh optimizer on its own parameters); its best epoch, on the CPU."""
+        """Train `model` (a fresh optimizer on its own parameters); its last epoch, on the CPU."""
         common.fit(model, data, loss, epochs=epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                    batch_size=cfg.batch_size, augment=augment, views=cfg.teacher_views, sparsity=sparsity,
                    norm=preprocess["norm"], device=device, out=Resumable(path, cfg), desc=desc)
@@ -246,6 +246,7 @@ def main():
         records.append(common.model_record("3 pruning", path.stem, model, files.new_path(path), after,
                                            cfg.img_size, keep=rows[-1]["keep"], method=cfg.method,
                                            acc_before=round(before.acc, 4), select_acc=round(select.acc, 4),
+                                           select_loss=round(select.loss, 4),
                                            chosen_on=data.chosen_on))
 
     # --- what each round buys in a runtime: ONNX Runtime fp32 at the training batch, interleaved
@@ -261,7 +262,8 @@ def main():
     files.atomic_write(files.new_path(final), lambda f: f.write(blob))
     records.append(common.model_record("3 pruning", "student_pruned", chosen["model"], files.new_path(final),
                                        chosen["score"], cfg.img_size, keep=chosen["keep"], method=cfg.method,
-                                       select_acc=round(chosen["select_after"], 4), chosen_on=data.chosen_on))
+                                       select_acc=round(chosen["select_after"], 4),
+                                       select_loss=round(chosen["select"].loss, 4), chosen_on=data.chosen_on))
     print(f"\npruning from student_kd ({kd_params:,} params, val acc {kd_val}, {ms['student_kd']:.1f} ms per "
           f"batch of {cfg.batch_size} in ONNX Runtime), method {cfg.method}"
           f"{', after sparsity training' if sparse else ''}, groups {groups}, channel counts in multiples of "

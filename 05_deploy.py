@@ -11,7 +11,7 @@ interleaved: latency at batch 1, throughput at batch 64, as ratios to student_kd
 predict.py classifies a folder of images with one .onnx file, without PyTorch.
 
     python 05_deploy.py
-    python predict.py --model=checkpoints/final.onnx --images=data/food-11/testing
+    python predict.py --model=checkpoints/final.onnx --folder=data/food-11/testing
 """
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import numpy as np
@@ -62,6 +62,13 @@ def centre_crops(images, crop):
     return np.ascontiguousarray(images[:, top:top + crop, top:top + crop].cpu().numpy())
 
 
+def calibration_crops(images, count, crop):
+    """`count` centre crops spread evenly over a split (its files come in class order, so the
+    first `count` would be one class)."""
+    pick = torch.linspace(0, len(images) - 1, min(count, len(images))).long()
+    return centre_crops(images[pick], crop)
+
+
 def batches(x, size):
     return [x[i:i + size] for i in range(0, len(x), size)]
 
@@ -73,6 +80,9 @@ def batches(x, size):
 def model_paths(names, ckpt_dir):
     """{name: the file to deploy}; `final` is the file 04 chose, as results.json records it."""
     paths = {}
+    stems = [n.removesuffix(".pt").removesuffix(".npz") for n in names]
+    if len(set(stems)) < len(stems):
+        raise UserError(f"--models={','.join(names)}: two of them would write the same .onnx file")
     for name in names:
         if name == "final":
             record = {r["model"]: r for r in files.read_results(ckpt_dir)}.get("final")
@@ -80,16 +90,19 @@ def model_paths(names, ckpt_dir):
                 raise UserError(f"{ckpt_dir / files.RESULTS}: no final file recorded; run 04_quantize.py first")
             paths[name] = ckpt_dir / record["file"]
         else:
+            if "." in name and not name.endswith((".pt", ".npz")):
+                raise UserError(f"--models: {name}: 05 deploys our checkpoints (.pt) and quantized files (.npz)")
             paths[name] = ckpt_dir / (name if "." in name else f"{name}.pt")
         files.require(paths[name], "04_quantize.py" if name == "final" else "03_prune.py or 04_quantize.py")
     return paths
 
 
-def export(name, path, model, preprocess, data, cfg, ckpt_dir):
+def export(name, path, model, preprocess, data, score, cfg, ckpt_dir):
     """Write <name>.onnx (and <name>.int8.onnx); {runtime: (session, onnx path)}."""
     crop = preprocess["img_size"]
     meta = {"img_size": crop, "resize": preprocess["resize"], "classes": data.class_names, "source": path.name,
             "input": "uint8 N x img_size x img_size x 3, RGB centre crops of images stored at resize"}
+    name = name.removesuffix(".pt").removesuffix(".npz")
     onnx_path = ckpt_dir / f"{name}.onnx"
     example = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
     blob = deploy.onnx_bytes(Deployed(model, preprocess["norm"]), example, meta)
@@ -97,7 +110,7 @@ def export(name, path, model, preprocess, data, cfg, ckpt_dir):
     out = {"ONNX Runtime fp32": onnx_path}
     if cfg.int8:
         out["ONNX Runtime int8"] = ckpt_dir / f"{name}.int8.onnx"
-        calibration = centre_crops(data.train.images[:cfg.calibration_images], crop)
+        calibration = calibration_crops(score.images(preprocess, "train")[0], cfg.calibration_images, crop)
         deploy.quantize_int8(files.new_path(onnx_path), files.new_path(out["ONNX Runtime int8"]),
                              batches(calibration, cfg.batch_size))
     return {runtime: (deploy.session(files.new_path(p), cfg.threads), p) for runtime, p in out.items()}
@@ -128,7 +141,7 @@ def main():
         crops = centre_crops(images, preprocess["img_size"])
         torch_val = score(model, preprocess)
         torch_pred = common.logits_of(model, images, cfg.batch_size, preprocess["img_size"], preprocess["norm"]).argmax(1)
-        sessions = export(name, path, model, preprocess, data, cfg, ckpt_dir)
+        sessions = export(name, path, model, preprocess, data, score, cfg, ckpt_dir)
         x1, xb = crops[:1], crops[:cfg.batch_size]
         for channels_last, runtime in ((False, "PyTorch eager"), (True, "PyTorch channels_last")):
             module = Deployed(common.build_model(common.arch_of(model)), preprocess["norm"], channels_last)
@@ -153,11 +166,11 @@ def main():
             outputs.append(onnx_path)
     with torch.inference_mode():
         times = timed(runners, cfg)
-    print_speed(rows, times, names[0], cfg)
+    print_speed(rows, times, names[0], len(xb), cfg)
     files.say_written(files.publish(ckpt_dir, outputs, records))
 
 
-def print_speed(rows, times, reference, cfg):
+def print_speed(rows, times, reference, batch, cfg):
     """The table of every model in every runtime, the ratios to `reference` in PyTorch eager,
     and each runtime's accuracy against it, paired."""
     base_one, base_many = (np.median(t) for t in times[reference, "PyTorch eager"])
@@ -166,9 +179,8 @@ def print_speed(rows, times, reference, cfg):
         one, many = times[r["model"], r["runtime"]]
         table.append({"model": r["model"], "runtime": r["runtime"],
                       "ms @1": f"{1000 * np.median(one):.2f} ({1000 * min(one):.2f}-{1000 * max(one):.2f})",
-                      f"img/s @{cfg.batch_size}": f"{cfg.batch_size / np.median(many):,.0f} "
-                                                  f"({cfg.batch_size / max(many):,.0f}-{cfg.batch_size / min(many):,.0f})",
-                      "speed @1": f"{base_one / np.median(one):.2f}x", f"speed @{cfg.batch_size}":
+                      f"img/s @{batch}": f"{batch / np.median(many):,.0f} ({batch / max(many):,.0f}-{batch / min(many):,.0f})",
+                      "speed @1": f"{base_one / np.median(one):.2f}x", f"speed @{batch}":
                       f"{base_many / np.median(many):.2f}x", "file bytes": files.file_bytes(r["file"]),
                       reports.VAL_COLUMN: r["val"], "agrees with PyTorch": r.get("agrees", "")})
     print(f"\n{cfg.threads} threads in every runtime; {cfg.repeats} interleaved rounds, median (min-max); speed: "

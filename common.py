@@ -673,7 +673,7 @@ class Scorer:
 
 
 def rule_text(choose_by, max_loss_rise, max_acc_drop):
-    return (f"selection loss at most {max_loss_rise:.0%} above student_kd's" if choose_by == "loss"
+    return (f"selection loss at most {100 * max_loss_rise:g}% above student_kd's" if choose_by == "loss"
             else f"selection accuracy at most {max_acc_drop} below student_kd's")
 
 
@@ -690,7 +690,7 @@ def smallest_close(rows, size, reference, cfg, what):
         return min(fits, key=lambda r: (size(r), -better(r["select"])))
     warn(f"no {what} passes the rule ({rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)}); "
          "keeping the best one there")
-    return max(rows, key=lambda r: better(r["select"]))
+    return max(rows, key=lambda r: better(r["select"]) if better(r["select"]) == better(r["select"]) else -math.inf)
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

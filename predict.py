@@ -1,11 +1,12 @@
-"""Classify a folder of images with a deployed model: ONNX Runtime, numpy and OpenCV, no PyTorch.
+"""Classify a folder of images with a deployed model: ONNX Runtime, numpy, OpenCV (and tqdm,
+which support/ imports), no PyTorch.
 
 A .onnx file of 05_deploy.py carries its preprocessing: the stored size (or native scale) and
 the crop in its metadata, the normalisation in its graph. Each image is decoded and centre-
 cropped as the pipeline does it, and the course's predictions.csv (Id,Category) is written; an
 image that cannot be read gets its row, class 0, and a warning.
 
-    python predict.py --model=checkpoints/final.onnx --images=data/food-11/testing --out=predictions.csv
+    python predict.py --model=checkpoints/final.onnx --folder=data/food-11/testing --out=predictions.csv
 """
 from support.running import quiet_start, run
 

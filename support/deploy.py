@@ -41,6 +41,7 @@ def session(model, threads=1):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the next timing's CPU
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     if not Path(model).is_file():
@@ -56,15 +57,23 @@ PREPROCESS_KEYS = ("img_size", "resize", "classes")
 
 
 def metadata(sess, path):
-    """What a file 05_deploy.py wrote records: img_size, resize and the class names, at least."""
-    try:
-        meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
-    except ValueError:
-        meta = {}
+    """What a file 05_deploy.py wrote records: img_size, resize and the class names (other
+    entries, such as the one onnxruntime's quantizer adds, are left alone); checked."""
+    meta = {}
+    for key, value in sess.get_modelmeta().custom_metadata_map.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            pass
     missing = [k for k in PREPROCESS_KEYS if k not in meta]
     if missing:
         raise UserError(f"{path}: an ONNX model without our preprocessing ({', '.join(missing)} missing); "
                         "deploy it with 05_deploy.py")
+    size, resize, inputs = meta["img_size"], meta["resize"], sess.get_inputs()
+    if not (isinstance(size, int) and size >= 1 and isinstance(resize, int) and (resize == -1 or resize >= size)
+            and len(inputs) == 1 and inputs[0].type == "tensor(uint8)"):
+        raise UserError(f"{path}: its metadata (img_size={size!r}, resize={resize!r}) or its input "
+                        f"({inputs[0].type if inputs else 'none'}) is not what 05_deploy.py writes")
     return meta
 
 

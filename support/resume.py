@@ -23,7 +23,7 @@ RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr",
 
 
 class Resumable:
-    """Where a training run keeps its best epoch (`<path>.new`) and its resumable state
+    """Where a training run keeps its last finished epoch (`<path>.new`) and its resumable state
     (`<path>.resume.pt`), whether it resumes, and the settings that shaped it."""
 
     def __init__(self, path, cfg):

@@ -76,6 +76,15 @@ def test_predict_runs_without_pytorch_and_writes_what_04_wrote(deployed, tmp_pat
     run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={testing}", "--out=p.csv")
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "p.csv").read_text() == (ck / "predictions.csv").read_text()
+    run = predict(tmp_path, f"--model={ck / 'final.int8.onnx'}", f"--folder={testing}", "--out=q.csv")
+    assert run.returncode == 0, run.stderr  # the quantizer adds metadata of its own
+    assert len((tmp_path / "q.csv").read_text().splitlines()) == len((tmp_path / "p.csv").read_text().splitlines())
+
+
+def test_int8_is_calibrated_on_every_class():
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 4, 4, 3)
+    crops = deploy_script.calibration_crops(images, 5, 2)
+    assert crops.shape == (5, 2, 2, 3) and crops[:, 0, 0, 0].tolist() == [0, 24, 49, 74, 99]
 
 
 def test_an_unreadable_image_is_a_warning_and_a_row(deployed, tmp_path):
@@ -106,7 +115,8 @@ def test_bad_model_files_are_one_line(deployed, tmp_path):
 
 def test_05_refuses_what_it_cannot_deploy(deployed, tmp_path):
     ck, _, keep = deployed
-    for models, says in [("student_nothing", "not found"), ("teacher_resnet18.bin", "is needed here")]:
+    for models, says in [("student_nothing", "not found"), ("student_kd.onnx", "05 deploys our checkpoints"),
+                         ("student_kd,student_kd.pt", "the same .onnx file")]:
         run = run_script("05_deploy.py", *keep, f"--ckpt_dir={ck}", f"--models={models}")
         assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
     empty = tmp_path / "ck"

@@ -8,3 +8,4 @@ batch_size = 32
 epochs = 6
 finetune_epochs = 2
 ckpt_dir = "checkpoints/sample"
+repeats = 5  # 05's timing rounds
