@@ -108,7 +108,7 @@ def rounded(count, width, multiple):
     """A channel count rounded to the nearest multiple of `multiple` (at least one multiple, at
     most the width): a runtime's vector instructions take 8 channels at a time, and a count
     of 51 runs slower than one of 56."""
-    return min(width, max(multiple, (count + multiple // 2) // multiple * multiple))  # halves round up
+    return min(width, max(multiple, multiple * round(count / multiple)))  # a tie goes to the even multiple
 
 
 def slim(model, keep, groups=GROUPS, multiple=1):
