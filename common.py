@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from support import files, qfile
@@ -307,6 +306,7 @@ class StudentNet(nn.Module):
 
 
 def make_teacher(num_classes):
+    import torchvision  # here: importing it takes a second and a half, and only the teacher needs it
     return torchvision.models.resnet18(num_classes=num_classes)
 
 
