@@ -7,9 +7,10 @@ quantization-aware fine-tuning (QAT): the model trains through the very codes it
 hold, so 3 and 4 bits keep what post-training quantization loses. Files: support/qfile.py.
 
 The final model is the smallest file close to student_kd on the selection split (its
-cross-entropy there at most max_loss_rise above student_kd's; validation only reports). Prints every file as a bytes-vs-accuracy frontier
-(and draws it, frontier.png), what QAT bought, writes predictions.csv in the course's format,
-and ends with the table of every stage and each stage against the one before.
+cross-entropy there at most max_loss_rise above student_kd's; validation only reports). Prints
+every file as a bytes-vs-accuracy frontier (and draws it, frontier.png), what QAT bought,
+writes predictions.csv in the course's format, and ends with the table of every stage and each
+stage against the one before.
 
     python 04_quantize.py
 """
@@ -229,7 +230,8 @@ def main():
     reports.pareto(rows)
     final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file")
     table = [{"file": r["path"].name, "bytes": r["bytes"], reports.VAL_COLUMN: r["val"], SELECT_COLUMN: r["select"],
-              "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""} for r in sorted(rows, key=lambda r: r["bytes"])]
+              "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""}
+             for r in sorted(rows, key=lambda r: r["bytes"])]
     print(f"\nevery file, smallest first (accuracy after decoding, fp32; validation {kd_val.n} images, selection "
           f"{len(data.select.labels)}; front: no smaller file is as accurate on validation)")
     print(reports.format_table(table, list(table[0])))
@@ -237,14 +239,15 @@ def main():
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
           f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with "
-          f"{common.rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)})")
+          f"{common.rule_text(cfg)})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
         r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc
     plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final)
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
-                    "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4), "chosen_on": data.chosen_on})
+                    "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
+                    "chosen_on": data.chosen_on})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])

@@ -13,6 +13,8 @@ predict.py classifies a folder of images with one .onnx file, without PyTorch.
     python 05_deploy.py
     python predict.py --model=checkpoints/final.onnx --folder=data/food-11/testing
 """
+import copy
+
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from support import deploy, files, reports
 from support.running import UserError, run
 from support.settings import adopt_from, configure, parse_list, resize_of
+from support.images import centre_crop
 from support.stats import Score
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
@@ -56,17 +59,11 @@ class Deployed(torch.nn.Module):
         return self.model(common.normalize(common.to_float(crops).contiguous(memory_format=self.layout), self.norm))
 
 
-def centre_crops(images, crop):
-    """uint8 N x crop x crop x 3 numpy centre crops of stored N x S x S x 3 images."""
-    top = (images.shape[1] - crop) // 2
-    return np.ascontiguousarray(images[:, top:top + crop, top:top + crop].cpu().numpy())
-
-
 def calibration_crops(images, count, crop):
     """`count` centre crops spread evenly over a split (its files come in class order, so the
     first `count` would be one class)."""
     pick = torch.linspace(0, len(images) - 1, min(count, len(images))).long()
-    return centre_crops(images[pick], crop)
+    return centre_crop(images[pick].cpu().numpy(), crop)
 
 
 def batches(x, size):
@@ -138,14 +135,13 @@ def main():
         preprocess = {**preprocess, "img_size": preprocess.get("img_size") or cfg.img_size,
                       "resize": preprocess.get("resize") or resize_of(cfg)}
         images, labels, key = score.images(preprocess)
-        crops = centre_crops(images, preprocess["img_size"])
-        torch_val = score(model, preprocess)
+        crops = centre_crop(images.cpu().numpy(), preprocess["img_size"])
         torch_pred = common.logits_of(model, images, cfg.batch_size, preprocess["img_size"], preprocess["norm"]).argmax(1)
+        torch_val = Score((torch_pred == labels.cpu()).numpy(), key)
         sessions = export(name, path, model, preprocess, data, score, cfg, ckpt_dir)
         x1, xb = crops[:1], crops[:cfg.batch_size]
         for channels_last, runtime in ((False, "PyTorch eager"), (True, "PyTorch channels_last")):
-            module = Deployed(common.build_model(common.arch_of(model)), preprocess["norm"], channels_last)
-            module.model.load_state_dict(model.state_dict())
+            module = Deployed(copy.deepcopy(model), preprocess["norm"], channels_last)  # a copy: it changes the layout
             t1, tb = torch.from_numpy(x1), torch.from_numpy(xb)
             runners[name, runtime] = (lambda m=module, x=t1: m(x), lambda m=module, x=tb: m(x))
             rows.append({"model": name, "runtime": runtime, "file": path, "val": torch_val})

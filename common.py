@@ -672,9 +672,9 @@ class Scorer:
         return self(model, preprocess), self(model, preprocess, "select")
 
 
-def rule_text(choose_by, max_loss_rise, max_acc_drop):
-    return (f"selection loss at most {100 * max_loss_rise:g}% above student_kd's" if choose_by == "loss"
-            else f"selection accuracy at most {max_acc_drop} below student_kd's")
+def rule_text(cfg):
+    return (f"selection loss at most {100 * cfg.max_loss_rise:g}% above student_kd's" if cfg.choose_by == "loss"
+            else f"selection accuracy at most {cfg.max_acc_drop} below student_kd's")
 
 
 def smallest_close(rows, size, reference, cfg, what):
@@ -683,14 +683,15 @@ def smallest_close(rows, size, reference, cfg, what):
     (1 + max_loss_rise) times its (choose_by=loss), or an accuracy at most max_acc_drop below
     (acc); where none is, the best there, with a warning. On a few hundred images the loss is
     about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
-    better = (lambda s: -s.loss) if cfg.choose_by == "loss" else (lambda s: s.acc)
+    def better(row):  # higher is better; a NaN score never wins
+        value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
+        return value if value == value else -math.inf
     bar = -reference.loss * (1 + cfg.max_loss_rise) if cfg.choose_by == "loss" else reference.acc - cfg.max_acc_drop
-    fits = [r for r in rows if better(r["select"]) >= bar]
+    fits = [r for r in rows if better(r) >= bar]
     if fits:
-        return min(fits, key=lambda r: (size(r), -better(r["select"])))
-    warn(f"no {what} passes the rule ({rule_text(cfg.choose_by, cfg.max_loss_rise, cfg.max_acc_drop)}); "
-         "keeping the best one there")
-    return max(rows, key=lambda r: better(r["select"]) if better(r["select"]) == better(r["select"]) else -math.inf)
+        return min(fits, key=lambda r: (size(r), -better(r)))
+    warn(f"no {what} passes the rule ({rule_text(cfg)}); keeping the best one there")
+    return max(rows, key=better)
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

@@ -33,9 +33,7 @@ def crop_of(path, stored, native_crop, crop):
     img = images.decode_native(path, stored, native_crop) if native_crop else images.decode_image(path, stored)
     if img is None:
         return None
-    img = img[0] if native_crop else img
-    top = (img.shape[0] - crop) // 2
-    return img[top:top + crop, top:top + crop]
+    return images.centre_crop(img[0] if native_crop else img, crop)
 
 
 def main():

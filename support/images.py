@@ -171,6 +171,13 @@ def native_crop_ranges(shapes, size, crop):
     return torch.tensor(lo), torch.tensor(hi)
 
 
+def centre_crop(images, crop):
+    """The centre crop x crop of uint8 ... x S x S x 3 numpy images (one, or a batch), as the
+    pipeline's evaluation takes it."""
+    top = (images.shape[-3] - crop) // 2
+    return np.ascontiguousarray(images[..., top:top + crop, top:top + crop, :])
+
+
 def storage(resize, img_size):
     """(stored side, native crop): resize=-1 holds a native-scale canvas of 1.5 x img_size
     per image (native_canvas); else the shorter side is resized to `resize` (0: img_size * 8/7)."""
