@@ -78,7 +78,7 @@ def main():
         print(f"training the ResNet18 teacher for {cfg.epochs} epochs (norm={cfg.teacher_norm})")
         best = common.fit(teacher, data, common.cross_entropy(cfg.label_smoothing),
                           epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-                          augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                          augment=common.augment_of(cfg),
                           norm=cfg.teacher_norm, device=device, out=Resumable(work, cfg), desc="teacher")
         teacher = common.load_model(files.new_path(work))[0]
         val = score(teacher, {"norm": cfg.teacher_norm})

@@ -24,6 +24,8 @@ resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = nati
 norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
+mix_alpha = 1.0  # a mixed view's own share is drawn from Beta(mix_alpha, mix_alpha)
 batch_size = 64  # images per training step
 epochs = 40  # training epochs from scratch
 lr = 3e-3  # peak learning rate (AdamW)
@@ -121,7 +123,7 @@ def main():
     print(f"\ntraining the student from scratch for {cfg.epochs} epochs")
     best = common.fit(student, data, common.cross_entropy(cfg.label_smoothing),
                       epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
-                      batch_size=cfg.batch_size, augment=common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed),
+                      batch_size=cfg.batch_size, augment=common.augment_of(cfg),
                       norm=cfg.norm, device=device, out=Resumable(path, cfg), desc="scratch")
     model, preprocess, _ = common.load_model(files.new_path(path))
     val = common.Scorer(data, cfg, device)(model, preprocess)

@@ -3,9 +3,11 @@
 Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y),
 the KL taken on the student's log_softmax. The teacher's answer for each view of each training
 image is asked once, in inference mode, into a teacher bank (checkpoints/teacher_bank_*.npz) that
-03's fine-tunes read too; epoch e trains on view e mod teacher_views. Saves the student of the
-epoch that scores best on the selection split (held out of training) as checkpoints/student_kd.pt
-and ends with teacher / scratch student / distilled student accuracy side by side.
+03's fine-tunes read too; epoch e trains on view e mod teacher_views. With mix=mixup or cutmix
+every view is mixed with a partner image's (function matching, Beyer et al. 2022: the teacher's
+logits are of the very picture the student sees; alpha=1 leaves the labels out). Saves the last
+epoch's student as checkpoints/student_kd.pt and ends with teacher / scratch student / distilled
+student accuracy side by side.
 
     python 02_distill.py
     python 02_distill.py --data_dir=../shared/data/food101-10 --img_size=112 --teacher_norm=imagenet
@@ -23,6 +25,8 @@ resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = nati
 norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
+mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
+mix_alpha = 1.0  # a mixed view's own share is drawn from Beta(mix_alpha, mix_alpha)
 batch_size = 64  # images per training step
 epochs = 40  # distillation epochs
 lr = 3e-3  # peak learning rate (AdamW)
@@ -71,7 +75,7 @@ def main():
         student = common.StudentNet(cfg.base, cfg.width_mult, data.num_classes)
     else:
         student = common.load_model(scratch_path, "student", data.num_classes, made_by="01_architecture.py")[0]
-    augment = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
+    augment = common.augment_of(cfg)
     views = min(cfg.teacher_views or cfg.epochs, cfg.epochs)
     asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(views), loaded=(teacher, norm))
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, sparsity={cfg.sparsity})")

@@ -1,7 +1,8 @@
 """Speed of the data path, as ratios measured in one run (machines here are noisy).
 
 For each image size it times student training steps fed four ways: our path (uint8
-tensors, whole-batch crop/flip/rotation/jitter), ready-made tensors (forward/backward/step
+tensors, whole-batch crop/flip/rotation/jitter; also with mixup or CutMix, which build each
+partner's view too), ready-made tensors (forward/backward/step
 alone: the floor), and the usual way (a Dataset that opens each file with PIL and applies
 torchvision transforms per image, in a DataLoader with num_workers 0 and 2). It also times
 decoding a split against reading it back from the cache, and a distillation step against a
@@ -11,6 +12,7 @@ logits, as building it is the same teacher forward the inline row times).
 
     python benchmark.py                      # food101-10 at 128 and 256 px
 """
+import dataclasses
 import itertools
 import tempfile
 import time
@@ -147,6 +149,8 @@ def main():
         methods = {  # name -> (a fresh batch iterator, loss)
             "ready tensors": (lambda: itertools.repeat(batch0), None),
             "ours": (lambda: our_batches(images, labels, aug, cfg), None),
+            "ours + mixup": (lambda: our_batches(images, labels, dataclasses.replace(aug, mix="mixup"), cfg), None),
+            "ours + cutmix": (lambda: our_batches(images, labels, dataclasses.replace(aug, mix="cutmix"), cfg), None),
             "PIL+DataLoader w=0": (lambda: loader(dataset, cfg, 0), None),
             "PIL+DataLoader w=2": (lambda: loader(dataset, cfg, 2), None),
             "ours + teacher (KD)": (lambda: our_batches(images, labels, aug, cfg), inline_kd),

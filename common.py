@@ -8,12 +8,12 @@ from support.running import quiet_start
 
 quiet_start()  # Ctrl-C while the heavy modules below load is a clean exit
 
+import dataclasses
 import hashlib
 import inspect
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +30,7 @@ from support.resume import restore, weights_key
 from support.settings import check_selection, resize_of
 from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt, warn
 from support.stats import Score
+from support.views import Augment, crop_flip, jitter_batch, mix_batch, rotate_batch, seed_of, seeded, to_float
 
 interrupts_as_keyboard_interrupt()
 
@@ -42,7 +43,7 @@ STUDENT_NORM = "imagenet"  # how our students' inputs are normalised (recorded i
 # The food data set: training (minus a selection split that chooses), validation, testing
 # ============================================================================================
 
-@dataclass
+@dataclasses.dataclass
 class Data:
     train: Split      # training images minus the selection split
     val: Split        # reports every accuracy; chooses nothing (unless select_fraction=0)
@@ -139,7 +140,7 @@ def data_for(cfg, splits=("training", "validation", "testing"), recorded=None):
 
 
 # ============================================================================================
-# Batches: whole-batch augmentation on uint8 tensors, normalisation per model
+# Batches: whole-batch augmentation on uint8 tensors (support/views.py), normalisation per model
 # ============================================================================================
 
 def to_device_images(split, device):
@@ -147,83 +148,9 @@ def to_device_images(split, device):
     return split.images.to(device), split.labels.to(device)
 
 
-def seeded(*parts):
-    """A generator seeded from its parts alone (stable across runs and machines)."""
-    digest = hashlib.sha1("|".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation: a random crop at the stored size, a horizontal flip, a rotation
-    and a colour jitter. View v of image i is drawn from (seed, v) alone, so it can be rebuilt
-    at any time without storing pixels (the teacher bank relies on that)."""
-    crop: int
-    rotate: float = 0.0
-    jitter: float = 0.0
-    seed: int = 0
-
-    def draws(self, view, n, size, ranges=None):
-        """The random choices of view `view` for each of n images stored at `size` px; crops
-        start anywhere, or (native scale) within each image's ranges (lo, hi)."""
-        gen = seeded(self.seed, "view", view)
-        if ranges is None:
-            off = torch.randint(0, size - self.crop + 1, (2, n), generator=gen)
-        else:
-            lo, hi = ranges
-            off = lo + (torch.rand(2, n, generator=gen) * (hi - lo + 1)).long()
-        return {"off": off,
-                "flip": torch.rand(n, generator=gen) < 0.5,
-                "angle": (torch.rand(n, generator=gen) * 2 - 1) * math.radians(self.rotate),
-                "factors": 1 + (torch.rand(3, n, generator=gen) * 2 - 1) * self.jitter}
-
-    def apply(self, images, idx, draws):
-        """The views of images[idx] (floats in [0, 1], channels_last), the whole batch at once."""
-        x = to_float(crop_flip(images, idx, self.crop, draws["off"][:, idx], draws["flip"][idx]))
-        if self.rotate:
-            x = rotate_batch(x, draws["angle"][idx])
-        if self.jitter:
-            x = jitter_batch(x, draws["factors"][:, idx])
-        return x.contiguous(memory_format=torch.channels_last)
-
-
-def crop_flip(images, idx, crop, off, flip):
-    """Per-image crop at offsets off (2 x n) and horizontal flip of images[idx], by one gather."""
-    ar = torch.arange(crop)
-    rows = off[0, :, None] + ar
-    cols = off[1, :, None] + torch.where(flip[:, None], crop - 1 - ar, ar)
-    dev = images.device
-    return images[idx.to(dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
-
-
-def to_float(batch_nhwc):
-    """uint8 N x H x W x 3 -> float N x 3 x H x W in [0, 1], channels_last in memory."""
-    return batch_nhwc.permute(0, 3, 1, 2).float().div_(255)
-
-
-def rotate_batch(x, angle):
-    """Rotate each image by its angle (radians) about its centre."""
-    n = x.shape[0]
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    # Reflected, not black, corners: on black-cornered images the teacher's soft labels taught
-    # the student less in our food101-10 runs.
-    return F.grid_sample(x.contiguous(), grid, padding_mode="reflection", align_corners=False)
-
-
-def jitter_batch(x, factors):
-    """Brightness, contrast and saturation, scaled per image by factors (3 x n: b, c, s).
-
-    Applied one after the other these are x*b, then (x-mean)*c+mean, then (x-grey)*s+grey;
-    folded together they are one pass: A*x + B*grey(x) + C with per-image A, B, C.
-    """
-    b, c, s = factors.view(3, -1, 1, 1, 1).to(x.device)
-    # Summed in float64: a float32 sum's order (so its last bit) depends on how many images share
-    # the batch, and a view must come out the same in any batch (the teacher bank relies on it).
-    mean = (x.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / x[0].numel()).float() * b
-    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return torch.addcmul(mean * (1 - c), x, s * b * c).add_(grey.mul_((1 - s) * b * c)).clamp_(0, 1)
+def augment_of(cfg):
+    """A stage's training augmentation, from its settings (mixing only where a stage has it)."""
+    return Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed, cfg.get("mix", "none"), cfg.get("mix_alpha", 1.0))
 
 
 def normalize(x, norm):
@@ -239,6 +166,11 @@ class Batch(NamedTuple):
     y: torch.Tensor    # labels
     idx: torch.Tensor  # the images' indices in the training split (CPU)
     view: int          # which view of them x is
+    mix: tuple = None  # mixed views: (the partners' labels, each image's own share); None: unmixed
+
+    def main_labels(self):
+        """The label of the larger share of each view (for the training accuracy)."""
+        return self.y if self.mix is None else torch.where(self.mix[1] >= 0.5, self.y, self.mix[0])
 
 
 def train_batches(images, labels, batch_size, aug, epoch, view, ranges=None):
@@ -251,7 +183,8 @@ def train_batches(images, labels, batch_size, aug, epoch, view, ranges=None):
     batch_size = min(batch_size, n)
     for i in range(0, n - batch_size + 1, batch_size):
         idx = order[i:i + batch_size]
-        yield Batch(aug.apply(images, idx, draws), labels[idx.to(labels.device)], idx, view)
+        y, mix = aug.labels_of(labels, idx, draws)
+        yield Batch(aug.apply(images, idx, draws), y, idx, view, mix)
 
 
 def eval_batches(images, labels, batch_size, crop):
@@ -423,27 +356,38 @@ def load_teacher(ckpt_dir, num_classes, teacher_norm):
 # Knowledge distillation: the loss, and the teacher's answers (asked inline or from the bank)
 # ============================================================================================
 
-def kd_loss(student_logits, teacher_logits, labels, T, alpha):
+def kd_loss(student_logits, teacher_logits, labels, T, alpha, mix=None):
     """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
-    + (1 - alpha) * CE(s, y), the KL taken on the student's log_softmax(s/T)."""
+    + (1 - alpha) * CE(s, y), the KL taken on the student's log_softmax(s/T); `mix` as label_loss's."""
     s, t = student_logits.float(), teacher_logits.float()
     kl = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="batchmean")
-    return alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, labels)
+    return alpha * T * T * kl + (1 - alpha) * label_loss(s, labels, mix)
+
+
+def label_loss(logits, labels, mix=None, label_smoothing=0.0):
+    """Cross-entropy against the labels; on mixed views (mix = (the partners' labels, each
+    view's own share)) against both labels, weighted by their shares of the pixels."""
+    def ce(y):
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+    if mix is None:
+        return ce(labels).mean()
+    partner_labels, share = mix
+    return (share * ce(labels) + (1 - share) * ce(partner_labels)).mean()
 
 
 def distill_loss(teacher, T, alpha):
     """A loss(logits, batch) for fit(): kd_loss against teacher(batch), the teacher's logits for
     the batch's view (an InlineTeacher or a TeacherBank)."""
     def loss(logits, batch):
-        return kd_loss(logits, teacher(batch), batch.y, T, alpha)
+        return kd_loss(logits, teacher(batch), batch.y, T, alpha, batch.mix)
     loss.describe = f"distillation T={T} alpha={alpha}"
     return loss
 
 
 def cross_entropy(label_smoothing=0.0):
-    """A loss(logits, batch) for fit(): the labels alone."""
+    """A loss(logits, batch) for fit(): the labels alone (mixed as the views were)."""
     def loss(logits, batch):
-        return F.cross_entropy(logits.float(), batch.y, label_smoothing=label_smoothing)
+        return label_loss(logits, batch.y, batch.mix, label_smoothing)
     loss.describe = "cross-entropy" + (f" smoothing={label_smoothing}" if label_smoothing else "")
     return loss
 
@@ -473,7 +417,7 @@ class InlineTeacher:
 def view_code_key():
     """A key of the code that makes a view's pixels (the draws, the crop, flip, rotation, jitter
     and the teacher's normalisation): a bank built by other code is never served."""
-    parts = (seeded, Augment, crop_flip, to_float, rotate_batch, jitter_batch, normalize)
+    parts = (seed_of, seeded, Augment, crop_flip, to_float, mix_batch, rotate_batch, jitter_batch, normalize)
     return hashlib.sha1("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 
@@ -492,7 +436,7 @@ def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
     key = {"view_code": view_code_key(), "teacher_sha1": files.file_sha1(Path(ckpt_dir) / files.TEACHER_FILE),
            "norm": norm, "precision": f"{device.type}, {'bfloat16' if device.type == 'cuda' else 'float32'}",
            "images": train.key, "names": names_key(train.names), "stored": int(train.images.shape[1]),
-           "crop": aug.crop, "rotate": aug.rotate, "jitter": aug.jitter, "seed": aug.seed}
+           **dataclasses.asdict(aug)}
 
     def asker():
         """Loads the teacher (only when some view is missing); ask_view(v)(idx) -> its logits."""
@@ -530,7 +474,7 @@ def fit(model, data, loss, *, epochs, lr, batch_size, augment, schedule="onecycl
     model = prepare(model, device)
     views = views or epochs
     training = {"epochs": epochs, "lr": lr, "schedule": schedule, "weight_decay": weight_decay,
-                "batch_size": batch_size, "augment": [augment.crop, augment.rotate, augment.jitter, augment.seed],
+                "batch_size": batch_size, "augment": list(dataclasses.astuple(augment)),
                 "loss": getattr(loss, "describe", "custom"), "views": views, "sparsity": sparsity, "norm": norm,
                 "widths": arch_of(model).get("widths"), "data": data.files_key, "start": weights_key(model)}
     preprocess = {"norm": norm, "img_size": augment.crop, "resize": data.resize, **data.selection}
@@ -595,7 +539,7 @@ def train_epoch(model, batches, steps, opt, sched, loss_fn, sparsity, norm, epoc
         sched.step()
         seen += len(batch.y)
         total += loss.item() * len(batch.y)
-        correct += (logits.argmax(1) == batch.y).sum().item()
+        correct += (logits.argmax(1) == batch.main_labels()).sum().item()
     seconds = time.perf_counter() - t0
     return total / seen, correct / seen, seconds, seen / seconds
 

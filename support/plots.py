@@ -77,3 +77,21 @@ def plot_frontier(path, files, kd_acc, final):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     save_png(path, fig)
+
+
+def plot_epochs(path, curves, teacher):
+    """Validation accuracy against training epochs, one line per student (with 95% intervals),
+    the teacher's accuracy a line. curves: {name: [(epochs, acc, (lo, hi)), ...]}; teacher: acc."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    for (name, points), colour in zip(curves.items(), (BLUE, GREY)):
+        points = sorted(points)
+        xs, accs = [p[0] for p in points], [p[1] for p in points]
+        errors = [[a - p[2][0] for a, p in zip(accs, points)], [p[2][1] - a for a, p in zip(accs, points)]]
+        ax.errorbar(xs, accs, yerr=errors, fmt="o-", color=colour, capsize=3, label=f"{name} (95% CI)")
+    ax.axhline(teacher, color=RED, linestyle="--", linewidth=1, label=f"teacher ({teacher:.3f})")
+    ax.set_xlabel("training epochs")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("patience: validation accuracy vs epochs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    save_png(path, fig)

@@ -48,6 +48,8 @@ CHECKS = {
     "sparsity": (lambda v: v >= 0, "at least 0"),
     "rotate": (lambda v: 0 <= v <= 180, "in [0, 180] degrees"),
     "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "mix": (lambda v: v in ("none", "mixup", "cutmix"), "none, mixup or cutmix"),
+    "mix_alpha": (lambda v: v > 0, "greater than 0"),
     "device": (lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v) is not None,
                "auto, cpu, cuda, cuda:N or mps"),
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
@@ -340,13 +342,13 @@ def describe_preprocess(preprocess, cfg):
     return f"{crop} px centre crops, {scale}, {norm}"
 
 
-DISTILLED_WITH = ("teacher_norm", "rotate", "jitter", "seed")  # what 02 records for 03 and 04
+DISTILLED_WITH = ("teacher_norm", "rotate", "jitter", "mix", "mix_alpha", "temperature", "alpha", "seed")  # what 02 records for 03 and 04
 
 
 def adopt_teacher_settings(cfg, kd_metrics, views_otherwise):
-    """03 and 04 distil as 02 did, so they read the same teacher bank: the teacher's norm, the
-    augmentation and the seed, and the number of views, as student_kd.pt records them (each
-    unless the user chose it). Called before check_resume, which may still prefer a state's."""
+    """03 and 04 distil as 02 did, on the same teacher bank: the teacher's norm, the augmentation
+    (mixing included), the loss's temperature and alpha, the seed and the number of views, as
+    student_kd.pt records them (each unless the user chose it). Called before check_resume, which may still prefer a state's."""
     for name in DISTILLED_WITH:
         if name in cfg and kd_metrics.get(name) is not None:
             cfg.fill(name, kd_metrics[name], "student_kd.pt")

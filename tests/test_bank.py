@@ -47,22 +47,24 @@ def bank_setup(sample_root, tmp_path):
     ckpt.mkdir()
     torch.manual_seed(0)
     torch.save(common.make_teacher(11).state_dict(), ckpt / files.TEACHER_FILE)
-    cfg = settings.Settings({"img_size": 16, "resize": 18, "rotate": 10.0, "jitter": 0.1, "seed": 0,
-                           "teacher_bank": True, "teacher_norm": "none", "data_dir": str(root)})
+    cfg = settings.Settings({"img_size": 16, "resize": 18, "rotate": 10.0, "jitter": 0.1, "mix": "none",
+                           "mix_alpha": 1.0, "seed": 0, "teacher_bank": True, "teacher_norm": "none", "data_dir": str(root)})
     return root, ckpt, cfg
 
 
 def bank_for(root, ckpt, cfg, views=range(2)):
     data = common.load_data(root, settings.resize_of(cfg), splits=("training", "validation"))
-    aug = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
+    aug = common.augment_of(cfg)
     return common.teacher_for(cfg, ckpt, data, aug, torch.device("cpu"), views), data
 
 
-def test_a_bank_hit_gives_the_inline_teachers_loss(bank_setup):
+@pytest.mark.parametrize("mix", ["none", "mixup", "cutmix"])
+def test_a_bank_hit_gives_the_inline_teachers_loss(bank_setup, mix):
     root, ckpt, cfg = bank_setup
+    cfg = cfg.but(mix=mix)
     bank, data = bank_for(root, ckpt, cfg)
     assert bank.images == 2 * len(data.train.labels) and bank.path.exists()
-    aug = common.Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed)
+    aug = common.augment_of(cfg)
     inline = common.teacher_for(cfg.but(teacher_bank=False), ckpt, data, aug, torch.device("cpu"), range(2))
     assert isinstance(inline, common.InlineTeacher)
     kd_bank, kd_inline = (common.distill_loss(t, 4.0, 0.5) for t in (bank, inline))
@@ -92,7 +94,7 @@ def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup,
     assert all(np.array_equal(again.views[v], first.views[v]) for v in (0, 1))
     monkeypatch.undo()
     for change in ({"img_size": 14}, {"resize": 20}, {"rotate": 5.0}, {"jitter": 0.0}, {"seed": 1},
-                   {"teacher_norm": "imagenet"}):
+                   {"teacher_norm": "imagenet"}, {"mix": "mixup"}, {"mix": "cutmix"}, {"mix": "mixup", "mix_alpha": 0.4}):
         built(bank_for(root, ckpt, cfg.but(**change))[0])
     torch.manual_seed(5)  # another teacher file
     torch.save(common.make_teacher(11).state_dict(), ckpt / files.TEACHER_FILE)
@@ -148,6 +150,8 @@ def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_inste
     assert "asking the teacher about views 0, 1" in runs["02_distill.py"].stdout
     assert "the teacher is not loaded" in runs["03_prune.py"].stdout
     assert "the teacher saw 0 training images" in runs["03_prune.py"].stdout
+    for later in ("03_prune.py", "04_quantize.py"):  # on 02's mixed views: the same bank
+        assert "mix=cutmix" in runs[later].stdout and "from student_kd.pt" in runs[later].stdout
     copy = tmp_path / "ck"
     shutil.copytree(ckpt, copy)
     args = [a for a in args if not a.startswith("--ckpt_dir")] + [f"--ckpt_dir={copy}"]
@@ -159,10 +163,11 @@ def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_inste
 
 
 def test_later_stages_distil_with_the_teacher_settings_student_kd_records():
-    cfg = settings.Settings({"teacher_norm": "none", "teacher_views": 0})
-    settings.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10}, 3)
-    assert (cfg.teacher_norm, cfg.teacher_views) == ("imagenet", 10)
-    assert cfg.provenance() == "settings: teacher_norm=imagenet, teacher_views=10 from student_kd.pt"
+    cfg = settings.Settings({"teacher_norm": "none", "teacher_views": 0, "mix": "none", "alpha": 0.5, "temperature": 20.0})
+    settings.adopt_teacher_settings(cfg, {"teacher_norm": "imagenet", "views": 10, "mix": "cutmix", "alpha": 1.0,
+                                          "temperature": 20.0}, 3)
+    assert (cfg.teacher_norm, cfg.teacher_views, cfg.mix, cfg.alpha) == ("imagenet", 10, "cutmix", 1.0)
+    assert cfg.provenance() == "settings: teacher_norm=imagenet, mix=cutmix, alpha=1.0, teacher_views=10 from student_kd.pt"
     given = settings.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
     settings.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (given.teacher_norm, given.teacher_views) == ("none", 4)

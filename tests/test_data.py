@@ -111,10 +111,10 @@ def test_second_load_hits_the_cache_and_a_change_misses_it(tmp_path, monkeypatch
 def test_batches_are_augmented_whole_and_centre_cropped_for_eval():
     images = torch.arange(4 * 10 * 10 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(4, 10, 10, 3)
     labels = torch.arange(4)
-    x, y, _, _ = next(common.train_batches(images, labels, 4, common.Augment(8, 10, 0.2), 0, 0))
+    x, y = next(common.train_batches(images, labels, 4, common.Augment(8, 10, 0.2), 0, 0))[:2]
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert x.is_contiguous(memory_format=torch.channels_last)
-    x, y, _, _ = next(common.train_batches(images, labels, 4, common.Augment(8), 1, 1))
+    x, y = next(common.train_batches(images, labels, 4, common.Augment(8), 1, 1))[:2]
     for xi, yi in zip(x, y):  # without rotation/jitter every crop is an exact (maybe flipped) window
         src = images[yi].permute(2, 0, 1).float() / 255
         windows = [src[:, r:r + 8, c:c + 8] for r in range(3) for c in range(3)]

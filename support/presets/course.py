@@ -6,6 +6,7 @@ img_size = 256  # the course's crops
 resize = -1  # native scale: RandomCrop(256, pad_if_needed, symmetric) / CenterCrop(256), no resizing
 rotate = 15.0  # RandomRotation(15)
 jitter = 0.0  # no colour jitter
+mix = "none"  # no mixup or CutMix
 norm = "none"  # inputs in [0, 1], no mean/std normalisation
 lr = 1e-3  # AdamW at a constant learning rate
 schedule = "constant"
