@@ -25,7 +25,7 @@ norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none 
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
-mix_alpha = 1.0  # a mixed view's own share is drawn from Beta(mix_alpha, mix_alpha)
+mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share
 batch_size = 64  # images per training step
 epochs = 40  # training epochs from scratch
 lr = 3e-3  # peak learning rate (AdamW)
@@ -124,7 +124,8 @@ def main():
     best = common.fit(student, data, common.cross_entropy(cfg.label_smoothing),
                       epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
                       batch_size=cfg.batch_size, augment=common.augment_of(cfg),
-                      norm=cfg.norm, device=device, out=Resumable(path, cfg), desc="scratch")
+                      norm=cfg.norm, device=device, out=Resumable(path, cfg), desc="scratch",
+                      notes={"mix": cfg.mix, "mix_alpha": cfg.mix_alpha})
     model, preprocess, _ = common.load_model(files.new_path(path))
     val = common.Scorer(data, cfg, device)(model, preprocess)
     record = common.model_record("1 architecture", "student_scratch", model, files.new_path(path), val,

@@ -26,7 +26,7 @@ norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none 
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
 mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
-mix_alpha = 1.0  # a mixed view's own share is drawn from Beta(mix_alpha, mix_alpha)
+mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share
 batch_size = 64  # images per training step
 epochs = 40  # distillation epochs
 lr = 3e-3  # peak learning rate (AdamW)
@@ -97,9 +97,11 @@ def main():
     rows = [table_row("teacher (ResNet18)", teacher_val, {"norm": norm})]
     scratch_val = None
     if scratch_path.exists():
-        scratch, scratch_preprocess, _ = common.load_model(scratch_path, "student")
+        scratch, scratch_preprocess, scratch_metrics = common.load_model(scratch_path, "student")
         scratch_val = score(scratch, scratch_preprocess)
-        rows.append(table_row("student from scratch", scratch_val, scratch_preprocess))
+        scratch_mix = scratch_metrics.get("mix", "none")  # a fair comparison trains both on the same views
+        rows.append(table_row("student from scratch" + (f" (mix={scratch_mix})" if scratch_mix != cfg.mix else ""),
+                              scratch_val, scratch_preprocess))
     rows.append(table_row("distilled student", kd_val, preprocess))
     print(f"\nvalidation accuracy ({kd_val.n} images; each model's last epoch)")
     print(reports.format_table(rows, list(rows[0])))

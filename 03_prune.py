@@ -30,7 +30,7 @@ resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = nati
 rotate = 10.0  # training augmentation: random rotation up to this many degrees; as student_kd.pt records unless you set it
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter; as student_kd.pt records unless you set it
 mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); as student_kd.pt records unless you set it
-mix_alpha = 1.0  # a mixed view's own share is drawn from Beta(mix_alpha, mix_alpha); as student_kd.pt records unless you set it
+mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share; as student_kd.pt records unless you set it
 batch_size = 64  # images per training step
 prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
 prune_count = 5  # pruning rounds, each from student_kd.pt

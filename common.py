@@ -149,8 +149,10 @@ def to_device_images(split, device):
 
 
 def augment_of(cfg):
-    """A stage's training augmentation, from its settings (mixing only where a stage has it)."""
-    return Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed, cfg.get("mix", "none"), cfg.get("mix_alpha", 1.0))
+    """A stage's training augmentation, from its settings (mixing only where a stage has it;
+    mix_alpha only where it mixes, so that it keys no bank or state otherwise)."""
+    mix = cfg.get("mix", "none")
+    return Augment(cfg.img_size, cfg.rotate, cfg.jitter, cfg.seed, mix, cfg.mix_alpha if mix != "none" else 1.0)
 
 
 def normalize(x, norm):
@@ -367,10 +369,11 @@ def kd_loss(student_logits, teacher_logits, labels, T, alpha, mix=None):
 def label_loss(logits, labels, mix=None, label_smoothing=0.0):
     """Cross-entropy against the labels; on mixed views (mix = (the partners' labels, each
     view's own share)) against both labels, weighted by their shares of the pixels."""
+    if mix is None:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
     def ce(y):
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
-    if mix is None:
-        return ce(labels).mean()
     partner_labels, share = mix
     return (share * ce(labels) + (1 - share) * ce(partner_labels)).mean()
 

@@ -17,7 +17,7 @@ def resume_path(ckpt_path):
 # The settings that shape a training run: a resumable state records them, and resuming under
 # other values is refused (or, for a value not given, the recorded one is used).
 RUN_SHAPE = ("epochs", "finetune_epochs", "sparsity_epochs", "batch_size", "lr", "weight_decay",
-             "label_smoothing", "img_size", "resize", "rotate", "jitter", "seed", "select_fraction",
+             "label_smoothing", "img_size", "resize", "rotate", "jitter", "mix", "mix_alpha", "seed", "select_fraction",
              "temperature", "alpha", "sparsity", "base", "width_mult", "from_scratch", "teacher_norm",
              "use_teacher", "teacher_views", "norm", "schedule", "qat_epochs", "qat_lr")
 
