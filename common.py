@@ -30,7 +30,7 @@ from support.resume import restore, weights_key
 from support.settings import check_selection, resize_of
 from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt, warn
 from support.stats import Score
-from support.views import Augment, crop_flip, jitter_batch, mix_batch, rotate_batch, seed_of, seeded, to_float
+from support.views import LIBRARIES, Augment, crop_flip, jitter_batch, mix_batch, rotate_batch, seed_of, seeded, to_float
 
 interrupts_as_keyboard_interrupt()
 
@@ -438,8 +438,8 @@ def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
     norm, train = files.teacher_norm_of(ckpt_dir, cfg.teacher_norm), data.train
     key = {"view_code": view_code_key(), "teacher_sha1": files.file_sha1(Path(ckpt_dir) / files.TEACHER_FILE),
            "norm": norm, "precision": f"{device.type}, {'bfloat16' if device.type == 'cuda' else 'float32'}",
-           "images": train.key, "names": names_key(train.names), "stored": int(train.images.shape[1]),
-           **dataclasses.asdict(aug)}
+           "libraries": LIBRARIES, "images": train.key, "names": names_key(train.names),
+           "stored": int(train.images.shape[1]), **dataclasses.asdict(aug)}
 
     def asker():
         """Loads the teacher (only when some view is missing); ask_view(v)(idx) -> its logits."""

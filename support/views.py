@@ -10,6 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The random streams come from these libraries, whose generators may change between versions:
+# a teacher bank keyed by them is never served pixels drawn by another version.
+LIBRARIES = f"torch {torch.__version__}, numpy {np.__version__}"
+
 
 def seed_of(*parts):
     """A 63-bit seed from its parts alone (stable across runs and machines)."""

@@ -197,6 +197,7 @@ def test_a_bank_of_other_view_code_or_precision_is_never_served(bank_setup, monk
     first, _ = bank_for(root, ckpt, cfg, views=range(1))
     key = json.loads(first.key)
     assert key["precision"] == "cpu, float32" and len(key["view_code"]) == 16
+    assert key["libraries"] == f"torch {torch.__version__}, numpy {np.__version__}"
     # the logits of a GPU run (bf16) stored under this run's file name: read, seen to be another key, rebuilt
     with np.load(first.path, allow_pickle=False) as z:
         views = {k: z[k] for k in z.files if k != "key"}
