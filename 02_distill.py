@@ -99,7 +99,7 @@ def main():
     if scratch_path.exists():
         scratch, scratch_preprocess, scratch_metrics = common.load_model(scratch_path, "student")
         scratch_val = score(scratch, scratch_preprocess)
-        scratch_mix = scratch_metrics.get("mix", "none")  # a fair comparison trains both on the same views
+        scratch_mix = scratch_metrics.get("mix", cfg.mix)  # a fair comparison trains both on the same views
         rows.append(table_row("student from scratch" + (f" (mix={scratch_mix})" if scratch_mix != cfg.mix else ""),
                               scratch_val, scratch_preprocess))
     rows.append(table_row("distilled student", kd_val, preprocess))

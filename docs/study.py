@@ -26,7 +26,7 @@ prefix = ""  # the patience study's folders: <prefix>10, <prefix>20, ...
 data_dir = ""  # the data set the models were trained on (required)
 img_size = 112  # only for a model that records no preprocessing
 resize = 0
-teacher_norm = "none"  # the teacher file's input normalisation, if neither its note nor the first student_kd.pt records it
+teacher_norm = "none"  # the teacher file's input normalisation, if neither its note nor a distilled student records it
 select_fraction = 0.1  # as the models were trained with (the validation split does not depend on it)
 batch_size = 128
 cache_dir = "data/cache"
@@ -91,9 +91,10 @@ def main():
         raise UserError("the models were distilled from different teacher files (or one has none beside it)")
     data = common.data_for(cfg, splits=("training", "validation"))
     score = common.Scorer(data, cfg, pick_device(cfg.device))
-    first = (paths or [f / "student_kd.pt" for f in folders.values()])[0]
-    recorded = common.load_model(first, "student")[2].get("teacher_norm")
-    teacher, norm = common.load_teacher(first.parent, data.num_classes, recorded or cfg.teacher_norm)
+    students = paths or [f / "student_kd.pt" for f in folders.values()]
+    recorded = [common.load_model(p, "student")[2].get("teacher_norm") for p in students]  # 02's students record it
+    norm = next((n for n in recorded if n), cfg.teacher_norm)
+    teacher, norm = common.load_teacher(students[0].parent, data.num_classes, norm)
     teacher_val = score(teacher, {"norm": norm})
     print(f"teacher: val acc {teacher_val}; {teacher_val.n} validation images\n")
     if paths:
