@@ -30,7 +30,7 @@ class Split:
     labels: torch.Tensor   # N int64; -1 where unlabeled (testing)
     names: list            # file names, same order
     unreadable: list = field(default_factory=list)  # testing only: names kept as black images
-    key: str = ""          # the files (names, sizes, times) and the stored size it was decoded from
+    key: str = ""          # a key of the decoded pixels, labels and names (pixels_key)
     native: torch.Tensor = None  # at native scale: N x 2, each original image's height and width
 
     def subset(self, idx):
@@ -186,7 +186,19 @@ def storage(resize, img_size):
     return resize or round(img_size * 8 / 7), 0
 
 
+def pixels_key(images, labels, names, native=None):
+    """A key of what a split decoded to, not of its files: a copied data folder, or one whose
+    files got new times, keeps the teacher bank built on it."""
+    h = hashlib.sha1()
+    for array in (images, labels, native):
+        if array is not None:
+            h.update(np.ascontiguousarray(array).data)
+    h.update("|".join(names).encode())
+    return h.hexdigest()[:16]
+
+
 def cache_key(files, size):
+    """Where a split's decoded cache is: its files (names, sizes, times) and the stored size."""
     h = hashlib.sha1(f"v2|{size}".encode())
     for p in files:
         st = p.stat()
@@ -225,9 +237,12 @@ def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
         if cache.exists():
             try:
                 with np.load(cache, allow_pickle=False) as z:
-                    return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                                 [str(n) for n in z["names"]], [str(n) for n in z["unreadable"]], key,
-                                 torch.from_numpy(z["native"]) if native_crop else None)
+                    images, label_arr, names = z["images"], z["labels"], [str(n) for n in z["names"]]
+                    native = z["native"] if native_crop else None
+                    pixels = str(z["key"]) if "key" in z.files else pixels_key(images, label_arr, names, native)
+                    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names,
+                                 [str(n) for n in z["unreadable"]], pixels,
+                                 None if native is None else torch.from_numpy(native))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 warn(f"{cache}: damaged cache; decoding {split} again")
     by_name = dict(zip((p.name for p in files), labels))
@@ -250,10 +265,11 @@ def load_split(root, split, size, labeled=True, cache_dir=None, native_crop=0):
     label_arr = np.array([by_name[p.name] for p, _ in kept], dtype=np.int64)
     names = [p.name for p, _ in kept]
     native = np.array(shapes, dtype=np.int32).reshape(-1, 2) if native_crop else None
+    pixels = pixels_key(images, label_arr, names, native)
     if cache:
-        write_cache(cache, images=images, labels=label_arr, names=np.array(names),
+        write_cache(cache, images=images, labels=label_arr, names=np.array(names), key=np.array(pixels),
                     unreadable=np.array(unreadable, dtype=str), **({"native": native} if native_crop else {}))
-    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable, key,
+    return Split(torch.from_numpy(images), torch.from_numpy(label_arr), names, unreadable, pixels,
                  None if native is None else torch.from_numpy(native))
 
 

@@ -10,6 +10,7 @@ import torchvision
 
 import common
 from support import files, running, settings
+from support.images import load_split
 from support.bank import TeacherBank
 from conftest import run_script
 
@@ -92,6 +93,12 @@ def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup,
     again, _ = bank_for(root, ckpt, cfg)
     assert again.path == first.path and again.images == 0
     assert all(np.array_equal(again.views[v], first.views[v]) for v in (0, 1))
+    copy = root.parent / "food-copy"  # a copied data folder: new file times, the same pixels
+    shutil.copytree(root, copy)
+    for picture in copy.rglob("*.jpg"):
+        os.utime(picture, ns=(10**18, 10**18))
+    moved, _ = bank_for(copy, ckpt, cfg.but(data_dir=str(copy)))
+    assert moved.path == first.path and moved.images == 0
     monkeypatch.undo()
     for change in ({"img_size": 14}, {"resize": 20}, {"rotate": 5.0}, {"jitter": 0.0}, {"seed": 1},
                    {"teacher_norm": "imagenet"}, {"mix": "mixup"}, {"mix": "cutmix"}, {"mix": "mixup", "mix_alpha": 0.4}):
@@ -208,3 +215,17 @@ def test_a_bank_of_other_view_code_or_precision_is_never_served(bank_setup, monk
     monkeypatch.setattr(common, "view_code_key", lambda: "changed-augment")
     changed, _ = bank_for(root, ckpt, cfg, views=range(1))
     assert changed.path != first.path and changed.images == changed.n
+
+
+def test_the_pixels_key_survives_the_cache_and_new_file_times(sample_root, tmp_path):
+    root = tmp_path / "food"
+    shutil.copytree(sample_root, root)
+    plain = load_split(root, "training", 18)
+    cached = load_split(root, "training", 18, cache_dir=tmp_path / "cache")
+    again = load_split(root, "training", 18, cache_dir=tmp_path / "cache")  # read from the cache
+    assert plain.key == cached.key == again.key
+    for picture in (root / "training").iterdir():
+        os.utime(picture, ns=(10**18, 10**18))
+    assert load_split(root, "training", 18, cache_dir=tmp_path / "cache").key == plain.key
+    (root / "training" / "3_1.jpg").write_bytes((root / "training" / "3_0.jpg").read_bytes())
+    assert load_split(root, "training", 18, cache_dir=tmp_path / "cache").key != plain.key
