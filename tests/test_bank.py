@@ -53,8 +53,9 @@ def bank_setup(sample_root, tmp_path):
     return root, ckpt, cfg
 
 
-def bank_for(root, ckpt, cfg, views=range(2)):
-    data = common.load_data(root, settings.resize_of(cfg), splits=("training", "validation"))
+def bank_for(root, ckpt, cfg, views=range(2), select_fraction=0.0):
+    data = common.load_data(root, settings.resize_of(cfg), splits=("training", "validation"),
+                            select_fraction=select_fraction)
     aug = common.augment_of(cfg)
     return common.teacher_for(cfg, ckpt, data, aug, torch.device("cpu"), views), data
 
@@ -103,6 +104,9 @@ def test_any_change_builds_a_new_bank_and_the_same_settings_reuse_it(bank_setup,
     for change in ({"img_size": 14}, {"resize": 20}, {"rotate": 5.0}, {"jitter": 0.0}, {"seed": 1},
                    {"teacher_norm": "imagenet"}, {"mix": "mixup"}, {"mix": "cutmix"}, {"mix": "mixup", "mix_alpha": 0.4}):
         built(bank_for(root, ckpt, cfg.but(**change))[0])
+    held_out = bank_for(root, ckpt, cfg, select_fraction=0.2)[0]  # the same pixels, fewer of them trained on
+    assert held_out.n < first.n
+    built(held_out)
     torch.manual_seed(5)  # another teacher file
     torch.save(common.make_teacher(11).state_dict(), ckpt / files.TEACHER_FILE)
     built(bank_for(root, ckpt, cfg)[0])
