@@ -86,13 +86,13 @@ def main():
     folders = study_folders(cfg.prefix) if cfg.prefix else {}
     for path in paths:
         files.require(path, "02_distill.py")
-    teachers = {files.file_sha1(p.parent / files.TEACHER_FILE) for p in paths + [f / "student_kd.pt" for f in folders.values()]}
+    students = paths or [f / "student_kd.pt" for f in folders.values()]
+    teachers = {files.file_sha1(p.parent / files.TEACHER_FILE) for p in students}
     if len(teachers) != 1:
         raise UserError("the models were distilled from different teacher files (or one has none beside it)")
     data = common.data_for(cfg, splits=("training", "validation"))
     score = common.Scorer(data, cfg, pick_device(cfg.device))
-    students = paths or [f / "student_kd.pt" for f in folders.values()]
-    recorded = [common.load_model(p, "student")[2].get("teacher_norm") for p in students]  # 02's students record it
+    recorded = (common.load_model(p, "student")[2].get("teacher_norm") for p in students)  # 02's students record it
     norm = next((n for n in recorded if n), cfg.teacher_norm)
     teacher, norm = common.load_teacher(students[0].parent, data.num_classes, norm)
     teacher_val = score(teacher, {"norm": norm})
