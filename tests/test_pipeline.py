@@ -52,8 +52,8 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
     for keep in (0.8, 0.64):
         path = ck / f"student_pruned_{keep:.3f}_global.pt"
         pruned = common.load_model(path)[0]
-        fresh = prune.prune_model(kd, keep, prune.GROUPS, "global", 8)
-        assert pruned.widths == fresh.widths and all(w % 8 == 0 for w in pruned.widths)
+        fresh = prune.prune_model(kd, keep, prune.GROUPS, "global", prune.channel_multiple)
+        assert pruned.widths == fresh.widths and all(w % 16 == 0 for w in pruned.widths)  # the default multiple
         assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
     assert (ck / "student_pruned.pt").exists()
     assert cv2.imread(str(ck / "pruning_global.png")).shape[:2] == (460, 1100)  # matplotlib, 11 x 4.6 in
