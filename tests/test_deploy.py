@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -133,3 +134,18 @@ def test_the_deployed_module_is_the_model_on_uint8_crops():
         expected = model(common.normalize(common.to_float(crops), "imagenet"))
         for channels_last in (False, True):
             assert torch.allclose(deploy_script.Deployed(model, "imagenet", channels_last)(crops), expected, atol=1e-5)
+
+
+def test_timing_interleaves_and_lets_the_last_runtime_go_idle():
+    log = []  # (runner, start, end) of every call
+
+    def runner(name):
+        def run():
+            start = time.perf_counter()
+            log.append((name, start, time.perf_counter()))
+        return run
+    times = deploy.interleaved_times({"a": runner("a"), "b": runner("b")}, repeats=3, calls=2, pause=0.02)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert [name for name, _, _ in log] == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    for i in range(3, len(log), 3):  # each runner's block (an untimed call, then `calls`) after a pause
+        assert log[i][1] - log[i - 1][2] >= 0.02
