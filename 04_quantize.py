@@ -190,7 +190,8 @@ def main():
                      "val": val, "select": select})
         records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded, files.new_path(plain),
                                            val, preprocess.get("img_size", cfg.img_size), bytes_zip=sizes[1],
-                                           select_acc=round(select.acc, 4), chosen_on=data.chosen_on))
+                                           select_acc=round(select.acc, 4), select_loss=round(select.loss, 4),
+                                           chosen_on=data.chosen_on))
         outputs.extend([plain, packed])
 
     # --- post-training quantization ----------------------------------------------------------
