@@ -367,6 +367,27 @@ def test_a_state_of_another_starting_model_is_not_resumed(sample_root, tmp_path)
         fit(1, resume=True)
 
 
+def test_fit_keeps_its_last_epoch_though_an_earlier_one_scored_better(sample_root, tmp_path, capsys):
+    """The selection split chooses among the files of 03 and 04; a fit that kept its best epoch
+    there would enter that choice with an optimistic edge (issue 18, item 3)."""
+    data = common.load_data(sample_root, 18, select_fraction=0.1)
+    out = Resumable(tmp_path / "m.pt", {"resume": False})
+    ce = common.cross_entropy()
+
+    def unlearn(logits, batch):  # every epoch worse on the selection split than the one before
+        return -ce(logits, batch)
+    torch.manual_seed(0)
+    model = common.StudentNet(num_classes=11)
+    kept = common.fit(model, data, unlearn, epochs=3, lr=1e-2, batch_size=16, augment=common.Augment(16),
+                      norm="imagenet", device=torch.device("cpu"), out=out)
+    losses = [float(x) for x in re.findall(r"select loss (\S+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and losses[0] < losses[-1]  # epoch 1 was the best there
+    saved, _, metrics = common.load_model(out.best)
+    assert kept["epoch"] == metrics["epoch"] == 3 and metrics["select_loss"] == kept["select_loss"]
+    assert abs(kept["select_loss"] - losses[-1]) < 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), common.cpu_state_dict(model).values()))
+
+
 def test_a_pruning_round_after_a_sparsity_fine_tune_resumes(finished):
     """The round's own fine-tune has no L1 term, though the stage's sparsity setting has one."""
     ck, args = finished

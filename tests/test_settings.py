@@ -44,6 +44,15 @@ def test_a_crop_larger_than_the_stored_size_is_an_error_or_brings_its_own():
     assert settings.configure(sizes, ["--img_size=48"]).resize == 0  # 0: img_size * 8/7
 
 
+def test_a_crop_size_of_the_users_drops_the_sample_presets_stored_size():
+    """On the sample, --img_size=48 kept the preset's resize=36 and crashed deep in training."""
+    sizes = {"img_size": 224, "resize": 0, "data_dir": "x", "__file__": __file__}
+    given, left = settings.configure(sizes, ["--img_size=48"]), settings.configure(sizes, [])
+    for cfg in (given, left):
+        settings.apply_preset(cfg, *settings.preset("sample"))
+    assert (given.img_size, given.resize) == (48, 0) and (left.img_size, left.resize) == (32, 36)
+
+
 def test_help_lists_every_setting_with_its_comment_in_one_column(capsys):
     with pytest.raises(SystemExit):
         settings.configure({"epochs": 3, "recipe": "ours", "__file__": str(REPO / "01_architecture.py")}, ["--help"])
