@@ -109,11 +109,11 @@ def quantize_int8(fp32_path, int8_path, calibration):
 
 
 def interleaved_times(runners, repeats, calls=1, pause=0.05):
-    """{name: [seconds per call, one per round]}: after one warm-up call each, every round runs
-    each runner `calls` times, in turn, so a slow spell of the machine hits them alike. Each
-    runner starts `pause` seconds after the one before, with one untimed call: idle threads of
-    the runtime that just ran (PyTorch's OpenMP threads spin after their work) must not take
-    the next one's cores, and its own threads are awake when the clock starts."""
+    """{name: [seconds per call, one per round]}: every round runs each runner `calls` times, in
+    turn, so a slow spell of the machine hits them alike. Each turn starts `pause` seconds after
+    the one before, with one untimed call: idle threads of the runtime that just ran (PyTorch's
+    OpenMP threads spin after their work) must not take the next one's cores, and its own
+    threads are awake when the clock starts."""
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
