@@ -7,10 +7,10 @@ quantization-aware fine-tuning (QAT): the model trains through the very codes it
 hold, so 3 and 4 bits keep what post-training quantization loses. Files: support/qfile.py.
 
 The final model is the smallest file close to student_kd on the selection split (its
-cross-entropy there at most max_loss_rise above student_kd's; validation only reports). Prints
-every file as a bytes-vs-accuracy frontier (and draws it, frontier.png), what QAT bought,
-writes predictions.csv in the course's format, and ends with the table of every stage and each
-stage against the one before.
+cross-entropy there at most max_loss_rise above student_kd's; validation only reports), of at
+most max_bytes if given. Prints every file as a bytes-vs-accuracy frontier (and draws it,
+frontier.png), what QAT bought, writes predictions.csv in the course's format, and ends with
+the table of every stage and each stage against the one before.
 
     python 04_quantize.py
 """
@@ -52,6 +52,7 @@ seed = 0  # random seed (batch order, augmentation); as student_kd.pt records un
 choose_by = "loss"  # the final model: the smallest file whose selection loss (cross-entropy) is within max_loss_rise of student_kd's; acc: whose selection accuracy is within max_acc_drop
 max_loss_rise = 0.02  # allowed rise of the selection loss over student_kd's, as a fraction (0.02: 2%, about 1 point of accuracy)
 max_acc_drop = 0.01  # allowed drop of the selection accuracy below student_kd's, with choose_by=acc
+max_bytes = 0  # a budget: the rule above among the files of at most this many bytes (where none passes, the best of them on selection); 0 = none
 select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record unless you set it
 other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 
@@ -166,8 +167,7 @@ def main():
     def load(name):
         """(model, its preprocessing with any sizes the user chose, its metrics)."""
         made_by = "03_prune.py" if "pruned" in name else "02_distill.py"
-        model, preprocess, metrics = common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes,
-                                                       made_by=made_by)
+        model, preprocess, metrics = common.load_model(ckpt_dir / f"{name}.pt", "student", data.num_classes, made_by=made_by)
         if name != "student_kd":  # student_kd's selection was checked when the data was loaded
             check_selection(data.selection, preprocess, f"{name}.pt", cfg.other_selection)
         return model, as_given(cfg, preprocess), metrics
@@ -231,7 +231,7 @@ def main():
 
     # --- the frontier, and the final model: the smallest file close to student_kd on selection
     reports.pareto(rows)
-    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file")
+    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", limit=(cfg.max_bytes, "bytes"))
     table = [{"file": r["path"].name, "bytes": r["bytes"], reports.VAL_COLUMN: r["val"], SELECT_COLUMN: r["select"],
               "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""}
              for r in sorted(rows, key=lambda r: r["bytes"])]
@@ -242,7 +242,7 @@ def main():
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
           f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with "
-          f"{common.rule_text(cfg)})")
+          f"{common.rule_text(cfg, limit=(cfg.max_bytes, 'bytes'))})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
         r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc

@@ -619,17 +619,27 @@ class Scorer:
         return self(model, preprocess), self(model, preprocess, "select")
 
 
-def rule_text(cfg):
-    return (f"selection loss at most {100 * cfg.max_loss_rise:g}% above student_kd's" if cfg.choose_by == "loss"
+def rule_text(cfg, limit=(0, "")):
+    rule = (f"selection loss at most {100 * cfg.max_loss_rise:g}% above student_kd's" if cfg.choose_by == "loss"
             else f"selection accuracy at most {cfg.max_acc_drop} below student_kd's")
+    return rule + (f", of at most {limit[0]:,} {limit[1]}" if limit[0] else "")
 
 
-def smallest_close(rows, size, reference, cfg, what):
+def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
     """The smallest of `rows` (by size(row)) whose selection Score row["select"] is close to
     student_kd's there (`reference`, the same images): a mean cross-entropy at most
     (1 + max_loss_rise) times its (choose_by=loss), or an accuracy at most max_acc_drop below
-    (acc); where none is, the best there, with a warning. On a few hundred images the loss is
-    about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
+    (acc); where none is, the best there, with a warning. A budget, limit = (amount, unit), leaves
+    out the rows larger than amount (0: no budget); where all are, the smallest, with a warning.
+    On a few hundred images the loss is about twice as steady as the accuracy: each image adds
+    how sure the model was, not one bit."""
+    if limit[0]:
+        within = [r for r in rows if size(r) <= limit[0]]
+        if not within:
+            smallest = min(rows, key=size)
+            warn(f"no {what} has at most {limit[0]:,} {limit[1]}; keeping the smallest ({size(smallest):,} {limit[1]})")
+            return smallest
+        rows = within
     def better(row):  # higher is better; a NaN score never wins
         value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
         return value if value == value else -math.inf
@@ -637,7 +647,7 @@ def smallest_close(rows, size, reference, cfg, what):
     fits = [r for r in rows if better(r) >= bar]
     if fits:
         return min(fits, key=lambda r: (size(r), -better(r)))
-    warn(f"no {what} passes the rule ({rule_text(cfg)}); keeping the best one there")
+    warn(f"no {what} passes the rule ({rule_text(cfg, limit)}); keeping the best one there")
     return max(rows, key=better)
 
 

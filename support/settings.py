@@ -44,6 +44,7 @@ CHECKS = {
     "channel_multiple": (lambda v: v >= 1, "at least 1 (1 = exact counts)"),
     "max_acc_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "max_loss_rise": (lambda v: v >= 0, "at least 0"),
+    "max_bytes": (lambda v: v >= 0, "at least 0 (0 = no budget)"),
     "choose_by": (lambda v: v in ("loss", "acc"), "loss or acc"),
     "sparsity": (lambda v: v >= 0, "at least 0"),
     "rotate": (lambda v: 0 <= v <= 180, "in [0, 180] degrees"),

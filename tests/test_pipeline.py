@@ -89,6 +89,22 @@ def test_quantized_files_predictions_and_the_table(pipeline, sample_root):
     assert all(r["select_loss"] > 0 for r in quantized)  # every file's score on the split that chose: re-derivable
 
 
+def test_a_byte_budget_bounds_the_final_file(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    run = ["--variants=fp16,q8,q4c", "--qat_variants=", *args, f"--ckpt_dir={work}"]
+    written = [r for r in files.read_results(ck) if r["stage"] == "4 quantization" and "bytes_zip" in r]
+    budget = sorted(min(r["bytes"], r["bytes_zip"]) for r in written)[-2] - 1  # the largest file is out
+    proc = run_script("04_quantize.py", *run, "--max_loss_rise=0", f"--max_bytes={budget}")
+    assert proc.returncode == 0, proc.stderr
+    chosen = re.search(r"final model, chosen on selection: \S+: ([\d,]+) bytes", proc.stdout).group(1)
+    assert int(chosen.replace(",", "")) <= budget
+    assert f"selection loss at most 0% above student_kd's, of at most {budget:,} bytes)" in proc.stdout
+    final = [r for r in files.read_results(work) if r["model"] == "final"][0]
+    assert final["bytes"] <= budget
+
+
 def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pipeline, tmp_path):
     ck, _, args = pipeline
     work = tmp_path / "ck"

@@ -119,6 +119,7 @@ def test_missing_student_kd_says_which_script_makes_it(workspace, tmp_path):
     ("03_prune.py", "--method=best", "--method=best is out of range: it must be uniform or global"),
     ("04_quantize.py", "--variants=q8,q9", "--variants='q8,q9': give a comma-separated list of fp16, qN, qNc or mixN"),
     ("04_quantize.py", "--models=,", "--models=',': give a comma-separated list"),
+    ("04_quantize.py", "--max_bytes=-1", "--max_bytes=-1 is out of range: it must be at least 0 (0 = no budget)"),
 ])
 def test_bad_settings(workspace, tmp_path, script, arg, message):
     root, ck = workspace

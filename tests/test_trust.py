@@ -108,6 +108,24 @@ def test_the_round_or_file_is_chosen_on_selection_not_validation(capsys):
     assert "no file passes" not in capsys.readouterr().err
 
 
+def test_a_budget_keeps_the_rule_among_the_rows_that_fit(capsys):
+    kd = selection_score(8, [1.0] * 10)
+    rows = [{"bytes": b, "select": selection_score(8, [loss] * 10)}
+            for b, loss in [(90_000, 1.00), (60_000, 1.01), (45_000, 1.05), (39_000, 1.02), (30_000, 1.04)]]
+    rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
+
+    def chosen(rule, budget):
+        return common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", limit=(budget, "bytes"))["bytes"]
+    assert chosen(rule, 0) == 39_000  # no budget: the smallest within 2%
+    assert chosen(rule, 50_000) == 39_000
+    assert chosen(rule.but(max_loss_rise=0.001), 50_000) == 39_000  # none within 0.1%: the best that fits
+    assert chosen(rule, 35_000) == 30_000
+    assert "no file passes the rule (selection loss at most 2% above student_kd's, of at most 35,000 bytes)" \
+        in capsys.readouterr().err
+    assert chosen(rule, 20_000) == 30_000  # none fits: the smallest
+    assert "no file has at most 20,000 bytes; keeping the smallest (30,000 bytes)" in capsys.readouterr().err
+
+
 def test_a_score_keeps_each_images_cross_entropy():
     torch.manual_seed(0)
     model = common.StudentNet(num_classes=3).eval()
