@@ -52,7 +52,7 @@ seed = 0  # random seed (batch order, augmentation); as student_kd.pt records un
 choose_by = "loss"  # the final model: the smallest file whose selection loss (cross-entropy) is within max_loss_rise of student_kd's; acc: whose selection accuracy is within max_acc_drop
 max_loss_rise = 0.02  # allowed rise of the selection loss over student_kd's, as a fraction (0.02: 2%, about 1 point of accuracy)
 max_acc_drop = 0.01  # allowed drop of the selection accuracy below student_kd's, with choose_by=acc
-max_bytes = 0  # a budget: the rule above among the files of at most this many bytes (where none passes, the best of them on selection); 0 = none
+max_bytes = 0  # a budget: the rule above among the files of at most this many bytes (none passes: the best of them on selection; none fits: the smallest file); 0 = none
 select_fraction = 0.1  # share of training held out to choose the final file; student_kd.pt's record unless you set it
 other_selection = False  # allow a selection split other than the one the starting model was made with (it may have trained on its images)
 
@@ -250,7 +250,7 @@ def main():
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
                     "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
-                    "chosen_on": data.chosen_on})
+                    "chosen_on": data.chosen_on, "from": final["model"].removesuffix(".qat").removesuffix(".ft")})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])

@@ -83,8 +83,9 @@ def print_summary(ckpt_dir, chosen_on, val_images):
     print(format_table(rows, ["stage", "model", "params", "bytes", "bytes_zip", "macs", VAL_COLUMN]))
     by_name = {r["model"]: r for r in records}
     final_name = f"final file ({by_name.get('final', {}).get('file', '?')})"
-    steps = [("student_scratch", "student_kd"), ("student_kd", "student_pruned"), ("student_pruned", "final"),
-             ("student_kd", "final")]  # the last: what the whole of compression cost
+    source = by_name.get("final", {}).get("from", "student_pruned")  # the checkpoint the final file encodes
+    steps = dict.fromkeys([("student_scratch", "student_kd"), ("student_kd", "student_pruned"), (source, "final"),
+                           ("student_kd", "final")])  # the last: what the whole of compression cost
     pairs = []
     for a, b in steps:
         sa, sb = (recorded_score(by_name[m]) if m in by_name else None for m in (a, b))

@@ -105,6 +105,20 @@ def test_a_byte_budget_bounds_the_final_file(pipeline, tmp_path):
     assert final["bytes"] <= budget
 
 
+def test_the_final_file_is_compared_with_the_checkpoint_it_encodes(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    round_name = sorted(work.glob("student_pruned_*.pt"))[0].stem  # a round, not student_pruned.pt
+    proc = run_script("04_quantize.py", *args, f"--ckpt_dir={work}", f"--models={round_name}", "--variants=q8",
+                      "--qat_variants=")
+    assert proc.returncode == 0, proc.stderr
+    final = [r for r in files.read_results(work) if r["model"] == "final"][0]
+    assert final["from"] == round_name and final["file"].startswith(round_name + ".")
+    assert f"final file ({final['file']}) - {round_name} " in proc.stdout
+    assert f"final file ({final['file']}) - student_pruned " not in proc.stdout
+
+
 def test_later_stages_use_the_preprocessing_and_selection_student_kd_records(pipeline, tmp_path):
     ck, _, args = pipeline
     work = tmp_path / "ck"

@@ -118,6 +118,7 @@ def test_a_budget_keeps_the_rule_among_the_rows_that_fit(capsys):
         return common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", limit=(budget, "bytes"))["bytes"]
     assert chosen(rule, 0) == 39_000  # no budget: the smallest within 2%
     assert chosen(rule, 50_000) == 39_000
+    assert chosen(rule, 39_000) == 39_000  # "at most": a file of exactly the budget fits
     assert chosen(rule.but(max_loss_rise=0.001), 50_000) == 39_000  # none within 0.1%: the best that fits
     assert chosen(rule, 35_000) == 30_000
     assert "no file passes the rule (selection loss at most 2% above student_kd's, of at most 35,000 bytes)" \
