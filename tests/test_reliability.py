@@ -272,6 +272,25 @@ def test_publish_replaces_nothing_when_an_output_cannot_be_replaced(tmp_path):
     assert not (tmp_path / files.RESULTS).exists()
 
 
+def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
+    def rows(*pairs):
+        return [{"stage": stage, "model": model} for stage, model in pairs]
+    files.publish(tmp_path, records=rows(("0 teacher", "teacher"), ("1 architecture", "student_scratch"),
+                                         ("2 distillation", "student_kd"), ("3 pruning", "round_0.8"),
+                                         ("3 pruning", "round_0.328"), ("4 quantization", "final"),
+                                         ("5 deployment", "final.onnx")))
+
+    def models():
+        return [r["model"] for r in files.read_results(tmp_path)]
+    files.publish(tmp_path, records=rows(("1 architecture", "student_scratch")))  # feeds no later stage
+    assert models() == ["teacher", "student_kd", "round_0.8", "round_0.328", "final", "final.onnx", "student_scratch"]
+    files.publish(tmp_path, records=rows(("3 pruning", "round_0.8")))  # fewer rounds this time
+    assert models() == ["teacher", "student_kd", "student_scratch", "round_0.8"]
+    files.publish(tmp_path, records=rows(("4 quantization", "final"), ("5 deployment", "final.onnx")))
+    files.publish(tmp_path, records=rows(("2 distillation", "student_kd")))
+    assert models() == ["teacher", "student_scratch", "student_kd"]
+
+
 def test_ctrl_c_waits_for_the_swap_even_when_another_thread_gets_it():
     import threading
     done = []
