@@ -51,7 +51,9 @@ def new_path(path):
 
 
 # The stages whose rows a new run of a stage leaves stale, beyond its own: those built on its
-# output. 01's scratch student feeds no later stage, and 00 scores the teacher it finds.
+# output. 00 and 01 are left out: 00 mostly re-scores the teacher it finds, and 02 starts from
+# 01's scratch student only with --from_scratch=False; after a new teacher, or in that case,
+# rerun the later stages to refresh their rows.
 BUILT_ON = {"2": "345", "3": "45", "4": "5"}
 
 

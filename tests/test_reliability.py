@@ -286,7 +286,11 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
     assert models() == ["teacher", "student_kd", "round_0.8", "round_0.328", "final", "final.onnx", "student_scratch"]
     files.publish(tmp_path, records=rows(("3 pruning", "round_0.8")))  # fewer rounds this time
     assert models() == ["teacher", "student_kd", "student_scratch", "round_0.8"]
-    files.publish(tmp_path, records=rows(("4 quantization", "final"), ("5 deployment", "final.onnx")))
+    files.publish(tmp_path, records=rows(("4 quantization", "final")))
+    files.publish(tmp_path, records=rows(("5 deployment", "final.onnx")))  # keeps the final 05 deployed
+    assert models() == ["teacher", "student_kd", "student_scratch", "round_0.8", "final", "final.onnx"]
+    files.publish(tmp_path, records=rows(("4 quantization", "final")))  # the old deployment goes
+    assert models() == ["teacher", "student_kd", "student_scratch", "round_0.8", "final"]
     files.publish(tmp_path, records=rows(("2 distillation", "student_kd")))
     assert models() == ["teacher", "student_scratch", "student_kd"]
 
