@@ -57,18 +57,19 @@ def new_path(path):
 BUILT_ON = {"2": "345", "3": "45", "4": "5"}
 
 
-def replaced(row, records):
-    """Whether a run's records replace this row of the results log: the same model, a row of the
-    same stage (a round or file the new run no longer makes), or of a stage built on its output."""
-    stage = str(row.get("stage", ""))[:1]
-    new = {str(r.get("stage", ""))[:1] for r in records}
-    return (row["model"] in {r["model"] for r in records}
-            or bool(stage) and any(stage == s or stage in BUILT_ON.get(s, "") for s in new))
+def still_valid(rows, records):
+    """The rows of the results log a run's records leave standing: not of the same model, not of
+    the same stage (a round or file the new run no longer makes), not of a stage built on it."""
+    def stage(row):
+        return str(row.get("stage", ""))[:1]
+    names = {r["model"] for r in records}
+    stale = set().union(*(stage(r) + BUILT_ON.get(stage(r), "") for r in records))
+    return [r for r in rows if r["model"] not in names and stage(r) not in stale]
 
 
 def publish(ckpt_dir, outputs=(), records=(), finished=()):
     """The end of a completed run: each output's `.new` file replaces it, and the run's records
-    replace the rows of the results log they make stale (replaced()), together (Ctrl-C waits
+    replace the rows of the results log they make stale (still_valid()), together (Ctrl-C waits
     until both are done). `finished`: files of the run (resumable states) to remove afterwards.
     Returns the paths written."""
     ckpt_dir = Path(ckpt_dir)
@@ -76,7 +77,7 @@ def publish(ckpt_dir, outputs=(), records=(), finished=()):
     twice = sorted({p.name for p in targets if targets.count(p) > 1})
     if twice:
         raise UserError(f"{', '.join(twice)}: two outputs of this run share the name; nothing was replaced")
-    rows = [r for r in read_results(ckpt_dir) if not replaced(r, records)] + list(records)
+    rows = still_valid(read_results(ckpt_dir), records) + list(records)
     atomic_json(new_path(ckpt_dir / RESULTS), rows)
     for path in targets:  # what would stop a swap halfway is found first
         if path.is_dir() or not new_path(path).is_file():
