@@ -176,8 +176,8 @@ def main():
     kd_val, kd_select = score.both(kd, kd_preprocess)  # the reference every file is held to
     rows, records, outputs = [], [], []  # rows: one per model and variant, the files' sizes and scores
 
-    def quantize(name, variant, model, preprocess):
-        """Write `name.variant` (.npz and zipped .z.npz), score what decodes from it, note its row."""
+    def quantize(name, variant, model, preprocess, source):
+        """Write `name.variant` (.npz, zipped .z.npz), score what decodes, note its row (from checkpoint `source`)."""
         arrays = encode(common.cpu_state_dict(model), variant)
         plain, packed = ckpt_dir / f"{name}.{variant}.npz", ckpt_dir / f"{name}.{variant}.z.npz"
         qfile.save_quantized(files.new_path(plain), arrays, common.arch_of(model), preprocess)
@@ -187,7 +187,7 @@ def main():
         sizes = files.file_bytes(files.new_path(plain)), files.file_bytes(files.new_path(packed))
         rows.append({"model": name, "variant": variant, "bytes_plain": sizes[0], "bytes_zip": sizes[1],
                      "bytes": min(sizes), "path": plain if sizes[0] <= sizes[1] else packed,
-                     "val": val, "select": select})
+                     "val": val, "select": select, "from": source})
         records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded, files.new_path(plain),
                                            val, preprocess.get("img_size", cfg.img_size), bytes_zip=sizes[1],
                                            select_acc=round(select.acc, 4), select_loss=round(select.loss, 4),
@@ -203,9 +203,9 @@ def main():
         model, preprocess, _ = load(name)
         val, select = (kd_val, kd_select) if name == "student_kd" else score.both(model, preprocess)
         rows.append({"model": name, "variant": "fp32 .pt", "bytes": files.file_bytes(path), "path": path,
-                     "val": val, "select": select})
+                     "val": val, "select": select, "from": name})
         for variant in variants:
-            quantize(name, variant, model, preprocess)
+            quantize(name, variant, model, preprocess, name)
 
     # --- quantization-aware fine-tuning, and its control: the same epochs in float, then PTQ --
     augment = common.augment_of(cfg)
@@ -224,7 +224,7 @@ def main():
                    desc=f"QAT {variant}" if variant else "float")
         tuned = common.load_model(files.new_path(path))[0]
         for v in [variant] if variant else qat_variants:
-            quantize(f"{name}.qat" if variant else f"{name}.ft", v, tuned, preprocess)
+            quantize(f"{name}.qat" if variant else f"{name}.ft", v, tuned, preprocess, name)
         outputs.append(path)
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
@@ -250,7 +250,7 @@ def main():
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
                     "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
-                    "chosen_on": data.chosen_on, "from": final["model"].removesuffix(".qat").removesuffix(".ft")})
+                    "chosen_on": data.chosen_on, "from": final["from"]})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])
