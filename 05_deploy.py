@@ -1,10 +1,12 @@
 """Stage 5 - deployment: the compressed model in a runtime that needs no PyTorch, and the speed
 each stage buys.
 
-Exports student_kd, student_pruned and the final file 04 chose (decoded) to ONNX: fp32,
-BatchNorm folded into the convolutions, uint8 RGB centre crops in (the normalisation inside the
-graph), the crop and stored size in the file's metadata; and a static int8 version of each
-(QDQ, per channel, activation ranges calibrated on training images). Checks that ONNX Runtime
+Exports student_kd, student_pruned and the final file 04 chose to ONNX: fp32, uint8 RGB centre
+crops in (the normalisation inside the graph), the crop and stored size in the file's metadata.
+A quantized file goes in as its b-bit codes, which ONNX Runtime decodes into float weights when
+a session starts (the final model's .onnx file is a sixth of a float one, and as fast); a .pt
+checkpoint as float weights, BatchNorm folded into the convolutions. And a static int8 version
+of each (QDQ, per channel, activation ranges calibrated on training images). Checks that ONNX Runtime
 predicts what the decoded PyTorch model predicts on validation, then times every model in
 PyTorch (eager, channels_last) and ONNX Runtime (fp32, int8) on the same pinned threads,
 interleaved: latency at batch 1, throughput at batch 64, as ratios to student_kd in PyTorch.
@@ -19,7 +21,7 @@ import common  # first: Ctrl-C during the slow imports is then a clean exit
 import numpy as np
 import torch
 
-from support import deploy, files, reports
+from support import deploy, files, qfile, reports
 from support.running import UserError, run
 from support.settings import adopt_from, configure, parse_list, resize_of
 from support.images import centre_crop
@@ -82,7 +84,8 @@ def model_paths(names, ckpt_dir):
         raise UserError(f"--models={','.join(names)}: two of them would write the same .onnx file")
     for name in names:
         if name == "final":
-            record = {r["model"]: r for r in files.read_results(ckpt_dir)}.get("final")
+            record = next((r for r in files.read_results(ckpt_dir)
+                           if r["model"] == "final" and str(r.get("stage", "")).startswith("4")), None)
             if record is None:
                 raise UserError(f"{ckpt_dir / files.RESULTS}: no final file recorded; run 04_quantize.py first")
             paths[name] = ckpt_dir / record["file"]
@@ -95,21 +98,25 @@ def model_paths(names, ckpt_dir):
 
 
 def export(name, path, model, preprocess, data, score, cfg, ckpt_dir):
-    """Write <name>.onnx (and <name>.int8.onnx); {runtime: (session, onnx path)}."""
+    """Write <name>.onnx (and <name>.int8.onnx); {runtime: (session, onnx path)}. A quantized
+    file's codes go into the .onnx file as they are (support/deploy.with_codes)."""
     crop = preprocess["img_size"]
     meta = {"img_size": crop, "resize": preprocess["resize"], "classes": data.class_names, "source": path.name,
             "input": "uint8 N x img_size x img_size x 3, RGB centre crops of images stored at resize"}
     name = name.removesuffix(".pt").removesuffix(".npz")
     onnx_path = ckpt_dir / f"{name}.onnx"
     example = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
-    blob = deploy.onnx_bytes(Deployed(model, preprocess["norm"]), example, meta)
+    module = Deployed(model, preprocess["norm"])
+    fp32 = deploy.onnx_bytes(module, example, meta)
+    codes = qfile.read_codes(path) if path.suffix == ".npz" else {}
+    blob = deploy.with_codes(deploy.onnx_bytes(module, example, meta, by_name=True),
+                             {f"model.{k}": c for k, c in codes.items()}) if codes else fp32
     files.atomic_write(files.new_path(onnx_path), lambda f: f.write(blob))
     out = {"ONNX Runtime fp32": onnx_path}
     if cfg.int8:
         out["ONNX Runtime int8"] = ckpt_dir / f"{name}.int8.onnx"
         calibration = calibration_crops(score.images(preprocess, "train")[0], cfg.calibration_images, crop)
-        deploy.quantize_int8(files.new_path(onnx_path), files.new_path(out["ONNX Runtime int8"]),
-                             batches(calibration, cfg.batch_size))
+        deploy.quantize_int8(fp32, files.new_path(out["ONNX Runtime int8"]), batches(calibration, cfg.batch_size))
     return {runtime: (deploy.session(files.new_path(p), cfg.threads), p) for runtime, p in out.items()}
 
 

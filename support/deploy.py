@@ -18,21 +18,133 @@ from support.running import UserError
 INPUT, OUTPUT = "image", "logits"
 
 
-def onnx_bytes(module, example, metadata=None):
+def onnx_bytes(module, example, metadata=None, by_name=False):
     """`module` (eval mode, on the CPU) as an fp32 ONNX model with a batch axis of any size, its
     input shaped like `example`; `metadata` (JSON-able values) goes into its metadata_props.
-    The TorchScript exporter: it folds BatchNorm into the convolutions and needs no onnxscript."""
+    The TorchScript exporter (it needs no onnxscript): it folds BatchNorm into the convolutions.
+    by_name (for with_codes): every parameter stays an initializer of its own name, none folded
+    or merged with an equal one; ONNX Runtime fuses the BatchNorms when a session starts."""
     import onnx
     import torch
     buf = io.BytesIO()
+    mode = torch.onnx.TrainingMode.PRESERVE if by_name else torch.onnx.TrainingMode.EVAL
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.cpu().eval(), (example,), buf, input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False)
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False,
+                          training=mode, keep_initializers_as_inputs=by_name)
     proto = onnx.load_from_string(buf.getvalue())
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     return proto.SerializeToString()
+
+
+def with_codes(blob, codes):
+    """The ONNX model `blob` (from onnx_bytes(..., by_name=True)) with each float initializer
+    named in `codes` ({name: qfile.Codes}) rebuilt from its b-bit codes by graph nodes: the codes
+    of each width bit-packed into one byte string, unpacked, split, and each row scaled into its
+    [lo, hi]. The nodes depend on nothing but constants, so ONNX Runtime folds them into float
+    weights when a session starts: the file holds about the quantized file's bytes, and runs as
+    fast as the float one."""
+    import onnx
+    proto = onnx.load_from_string(blob)
+    graph = proto.graph
+    floats = {i.name: i for i in graph.initializer}
+    missing = sorted(set(codes) - set(floats))
+    if missing:
+        raise ValueError(f"the graph has no initializer {missing[0]!r}")
+    decoder = Decoder(graph)
+    for bits in sorted({c.bits for c in codes.values()}):
+        group = {name: c for name, c in codes.items() if c.bits == bits}
+        parts = decoder.codes(np.concatenate([c.q.reshape(-1) for c in group.values()]), bits,
+                              [c.q.size for c in group.values()])
+        for part, (name, c) in zip(parts, group.items()):
+            decoder.weight(part, c, list(floats[name].dims), name)
+            graph.initializer.remove(floats[name])
+    image_input_only(graph)
+    short_names(graph)
+    exported = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(decoder.nodes + exported)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+class Decoder:
+    """The nodes with_codes adds, and their constants (each distinct array stored once)."""
+
+    def __init__(self, graph):
+        self.graph, self.nodes, self.consts, self.ids = graph, [], {}, iter(range(1 << 30))
+
+    def const(self, array):
+        from onnx import numpy_helper
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.consts:
+            self.consts[key] = f"k{next(self.ids)}"
+            self.graph.initializer.append(numpy_helper.from_array(array, self.consts[key]))
+        return self.consts[key]
+
+    def node(self, op, inputs, outputs=None, **attrs):
+        from onnx import helper
+        outputs = outputs or [f"u{next(self.ids)}"]
+        self.nodes.append(helper.make_node(op, inputs, outputs, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def codes(self, q, bits, sizes):
+        """Codes q (uint8, each < 2^bits) as float vectors of the given sizes, from q bit-packed."""
+        from onnx import TensorProto
+
+        from support import qfile  # here: it imports PyTorch, which predict.py must not need
+        packed = self.const(qfile.pack_bits(q, bits))
+        if bits == 8:
+            values = self.node("Cast", [packed], to=TensorProto.FLOAT)
+        else:  # each byte -> its 8 bits, MSB first -> the first len(q) * bits -> rows of bits -> codes
+            byte = self.node("Unsqueeze", [self.node("Cast", [packed], to=TensorProto.INT32), self.const([1])])
+            shifted = self.node("Div", [byte, self.const(np.int32(1) << np.arange(7, -1, -1, dtype=np.int32))])
+            bit = self.node("Reshape", [self.node("Mod", [shifted, self.const(np.int32(2))]), self.const([-1])])
+            used = self.node("Slice", [bit, self.const([0]), self.const([len(q) * bits])])
+            rows = self.node("Reshape", [used, self.const([len(q), bits])])
+            weights = np.float32(2) ** np.arange(bits - 1, -1, -1, dtype=np.float32)
+            values = self.node("MatMul", [self.node("Cast", [rows], to=TensorProto.FLOAT), self.const(weights)])
+        if len(sizes) == 1:
+            return [values]
+        return self.node("Split", [values, self.const(sizes)], [f"u{next(self.ids)}" for _ in sizes])
+
+    def weight(self, part, c, dims, name):
+        """The node that makes `name` (shape dims) from its codes: lo + code * (hi - lo) / (2^bits - 1)
+        per row, as qfile.dequantize does."""
+        lo = c.lo.astype(np.float64).reshape(-1, 1)
+        step = (c.hi.astype(np.float64).reshape(-1, 1) - lo) / (2 ** c.bits - 1)
+        if len(lo) == 1:  # one range: scalars, and a vector needs no reshaping
+            lo, step = lo.reshape(()), step.reshape(())
+        else:
+            part = self.node("Reshape", [part, self.const(c.q.shape)])
+        value = self.node("Mul", [part, self.const(step.astype(np.float32))])
+        if len(dims) == 1 and lo.ndim == 0:
+            return self.node("Add", [value, self.const(lo.astype(np.float32))], [name])
+        value = self.node("Add", [value, self.const(lo.astype(np.float32))])
+        return self.node("Reshape", [value, self.const(dims)], [name])
+
+
+def image_input_only(graph):
+    """Only the image stays a graph input: an initializer that is also an input may be fed at
+    run time, so the runtime cannot fold what depends on it."""
+    kept = [i for i in graph.input if i.name == INPUT]
+    del graph.input[:]
+    graph.input.extend(kept)
+
+
+def short_names(graph):
+    """No node names, and short names for the values the nodes make (the exporter's, such as
+    /model/cnn/cnn.1/cnn.1.2/Clip_output_0, would take a fifth of a quantized model's file)."""
+    rename = {v: f"t{i}" for i, v in enumerate(dict.fromkeys(o for n in graph.node for o in n.output))
+              if v not in (INPUT, OUTPUT)}
+    for n in graph.node:
+        n.name = ""
+        n.input[:] = [rename.get(v, v) for v in n.input]
+        n.output[:] = [rename.get(v, v) for v in n.output]
+    del graph.value_info[:]
 
 
 def session(model, threads=1):
@@ -82,9 +194,11 @@ def logits(sess, batches):
     return np.concatenate([sess.run([OUTPUT], {INPUT: x})[0] for x in batches])
 
 
-def quantize_int8(fp32_path, int8_path, calibration):
-    """A static int8 version of an ONNX file (QDQ: int8 weights per output channel, uint8
-    activations) whose activation ranges are calibrated on `calibration`, a list of input batches."""
+def quantize_int8(fp32, int8_path, calibration):
+    """A static int8 version of an fp32 ONNX model (its bytes; QDQ: int8 weights per output
+    channel, uint8 activations) whose activation ranges are calibrated on `calibration`, a list
+    of input batches."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -100,8 +214,8 @@ def quantize_int8(fp32_path, int8_path, calibration):
         with warnings.catch_warnings():  # and its logging's advice to pre-process: our graphs are plain
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)
-            quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(onnx.load_from_string(fp32), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         files.atomic_write(int8_path, lambda f: f.write(tmp.read_bytes()))
     finally:
         logging.disable(logging.NOTSET)

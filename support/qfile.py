@@ -3,9 +3,11 @@
 or as b-bit codes (bit-packed) with a [lo, hi] range per tensor or per output channel, each
 decoding to q / (2^b - 1) * (hi - lo) + lo. The description carries the model's arch and
 preprocessing, so a file loads without being told the shape."""
+import contextlib
 import json
 import math
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,8 +122,17 @@ def check_description(meta, arrays):
         raise ValueError("its ranges are not finite, or a max is below its min")
 
 
-def decode(arrays):
-    """The state_dict of encode(): codes back to floats, float16 back to float32."""
+class Codes(NamedTuple):
+    """A tensor as b-bit codes: row r of q (rows x n/rows, uint8) decodes with [lo[r], hi[r]]."""
+    q: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    bits: int
+
+
+def stored(arrays):
+    """{name: (spec, what the file holds for it)}: an int64 or float16 array, or Codes; the
+    description checked first."""
     meta = json_of(arrays["meta"])
     check_description(meta, arrays)
     mixed, per_channel = meta["bits"] == "mixed", meta["per_channel"]
@@ -130,18 +141,13 @@ def decode(arrays):
         q_count = sum(math.prod(s["shape"]) for s in specs if s["store"] == "q")
         codes = unpack_bits(arrays["q"], meta["bits"], q_count) if q_count else None
     offsets = {"ints": 0, "f16": 0, "q": 0, "range": 0}
-    sd = {}
+    out = {}
     for s in specs:
         n, shape, store = math.prod(s["shape"]), s["shape"], s["store"]
-        dtype = getattr(torch, s["dtype"])
         start = offsets[store]
-        if store == "ints":
+        if store in ("ints", "f16"):
             offsets[store] += n
-            sd[s["name"]] = torch.from_numpy(arrays["ints"][start:start + n].copy()).to(dtype).reshape(shape)
-            continue
-        if store == "f16":
-            offsets[store] += n
-            sd[s["name"]] = torch.from_numpy(arrays["f16"][start:start + n].astype(np.float32)).to(dtype).reshape(shape)
+            out[s["name"]] = (s, arrays[store][start:start + n])
             continue
         bits = s["bits"] if mixed else meta["bits"]
         if mixed:  # each tensor's codes packed on their own
@@ -153,8 +159,21 @@ def decode(arrays):
         rows = shape[0] if per_channel and len(shape) >= 2 else 1
         r = offsets["range"]
         offsets["range"] += rows
-        lo, hi = (torch.from_numpy(arrays[k][r:r + rows].copy()) for k in ("lo", "hi"))
-        sd[s["name"]] = dequantize(torch.from_numpy(q.astype(np.float64)).reshape(rows, -1), lo, hi, bits, shape, dtype)
+        q = q.astype(np.uint8).reshape(rows, n // max(rows, 1))
+        out[s["name"]] = (s, Codes(q, arrays["lo"][r:r + rows], arrays["hi"][r:r + rows], bits))
+    return out
+
+
+def decode(arrays):
+    """The state_dict of encode(): codes back to floats, float16 back to float32."""
+    sd = {}
+    for name, (spec, held) in stored(arrays).items():
+        dtype, shape = getattr(torch, spec["dtype"]), spec["shape"]
+        if isinstance(held, Codes):
+            lo, hi = (torch.from_numpy(a.copy()) for a in (held.lo, held.hi))
+            sd[name] = dequantize(torch.from_numpy(held.q.astype(np.float64)), lo, hi, held.bits, shape, dtype)
+        else:
+            sd[name] = torch.from_numpy(held.astype(np.float32) if spec["store"] == "f16" else held.copy()).to(dtype).reshape(shape)
     if not all(t.isfinite().all() for t in sd.values() if t.is_floating_point()):
         raise ValueError("it decodes to values that are not finite")
     return sd
@@ -190,16 +209,34 @@ def save_quantized(path, arrays, arch, preprocess, compressed=False):
 
 def read_quantized(path, build):
     """(model, meta) from a quantized .npz, without pickle; build(arch) makes the empty model."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+    with read_errors(path):
+        arrays = load_arrays(path)
         meta = json_of(arrays["meta"])
         if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict):
             raise ValueError("its description names no model")
         model = build(meta["arch"])
         model.load_state_dict(decode(arrays))
+    return model, meta
+
+
+def read_codes(path):
+    """{name: Codes} of a quantized .npz's b-bit tensors, as the file holds them (none in a
+    float16 file)."""
+    with read_errors(path):
+        return {name: held for name, (_, held) in stored(load_arrays(path)).items() if isinstance(held, Codes)}
+
+
+def load_arrays(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@contextlib.contextmanager
+def read_errors(path):
+    """A missing or damaged file as one line."""
+    try:
+        yield
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run 04_quantize.py first") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
-    return model, meta

@@ -13,7 +13,7 @@ import torch
 
 import common
 from conftest import REPO, load_script, run_script
-from support import deploy
+from support import deploy, qfile
 
 deploy_script = load_script("05_deploy.py")
 
@@ -125,6 +125,36 @@ def test_05_refuses_what_it_cannot_deploy(deployed, tmp_path):
     shutil.copy(ck / "student_kd.pt", empty)
     run = run_script("05_deploy.py", *keep, f"--ckpt_dir={empty}", "--models=student_kd,final")
     assert run.returncode == 2 and "no final file recorded" in run.stderr
+
+
+@pytest.mark.parametrize("variant", ["q8", "q3c", "mix3", "fp16"])
+def test_a_quantized_file_goes_into_the_onnx_file_as_its_codes(tmp_path, variant):
+    """The .onnx file of a quantized file holds its codes, not float weights: it computes what the
+    decoded model computes (BatchNorm fused by the runtime), in a fraction of the float file's bytes."""
+    model = common.StudentNet(widths=[16, 32, 64, 64, 64, 64, 64, 64], num_classes=3)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # folding must matter
+        torch.nn.init.uniform_(bn.weight, 0.5, 2.0), torch.nn.init.uniform_(bn.bias, -1, 1)
+        torch.nn.init.uniform_(bn.running_mean, -1, 1), torch.nn.init.uniform_(bn.running_var, 0.2, 3.0)
+    path = tmp_path / f"m.{variant}.npz"
+    qfile.save_quantized(path, load_script("04_quantize.py").encode(model.state_dict(), variant),
+                         common.arch_of(model), {"img_size": 16})
+    decoded = common.load_model(path)[0].eval()
+    codes = qfile.read_codes(path)
+    assert (variant == "fp16") == (not codes)
+    module, example = deploy_script.Deployed(decoded, "imagenet"), torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
+    plain = deploy.onnx_bytes(module, example)
+    if not codes:
+        return
+    blob = deploy.with_codes(deploy.onnx_bytes(module, example, by_name=True),
+                             {f"model.{k}": c for k, c in codes.items()})
+    crops = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(crops).numpy()
+    for onnx_model in (blob, plain):
+        assert np.allclose(deploy.logits(deploy.session(onnx_model), [crops.numpy()]), expected, atol=1e-4)
+    assert len(blob) < len(plain) / (2 if variant == "q8" else 3), (len(blob), len(plain))
+    with pytest.raises(ValueError, match="no initializer 'model.nothing'"):
+        deploy.with_codes(plain, {"model.nothing": next(iter(codes.values()))})
 
 
 def test_the_deployed_module_is_the_model_on_uint8_crops():
