@@ -24,7 +24,7 @@ resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = nati
 norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
-mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
+mix = "cutmix"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); 02's views, for a fair comparison
 mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share
 batch_size = 64  # images per training step
 epochs = 40  # training epochs from scratch

@@ -25,15 +25,15 @@ resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = nati
 norm = "imagenet"  # the student's input normalisation: imagenet (ours) or none ([0,1], the course's)
 rotate = 10.0  # training augmentation: random rotation up to this many degrees
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter
-mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
+mix = "cutmix"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike)
 mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share
 batch_size = 64  # images per training step
 epochs = 40  # distillation epochs
 lr = 3e-3  # peak learning rate (AdamW)
 schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (the course's)
 weight_decay = 0.05  # AdamW weight decay
-temperature = 20.0  # softmax temperature T of the distillation term
-alpha = 0.5  # weight of the distillation term (1 - alpha goes to cross-entropy)
+temperature = 4.0  # softmax temperature T of the distillation term
+alpha = 1.0  # weight of the distillation term (1 - alpha goes to cross-entropy); 1: function matching, the teacher's output only
 sparsity = 0.0  # L1 weight on BatchNorm gammas (network slimming); e.g. 1e-4
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as the epochs
 from_scratch = True  # start the student from random weights, not from student_scratch.pt

@@ -29,7 +29,7 @@ img_size = 224  # crop size (pixels); student_kd.pt's record unless you set it
 resize = 0  # shorter side stored before cropping; 0 = img_size * 8/7; -1 = native scale; student_kd.pt's record unless you set it
 rotate = 10.0  # training augmentation: random rotation up to this many degrees; as student_kd.pt records unless you set it
 jitter = 0.1  # training augmentation: brightness/contrast/saturation jitter; as student_kd.pt records unless you set it
-mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); as student_kd.pt records unless you set it
+mix = "cutmix"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); as student_kd.pt records unless you set it
 mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share; as student_kd.pt records unless you set it
 batch_size = 64  # images per training step
 prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
@@ -46,8 +46,8 @@ sparsity_epochs = 0  # epochs of that sparsity fine-tune (0 = none)
 choose_by = "loss"  # student_pruned.pt: the smallest round whose selection loss (cross-entropy) is within max_loss_rise of student_kd's; acc: whose selection accuracy is within max_acc_drop
 max_loss_rise = 0.03  # allowed rise of the selection loss over student_kd's, as a fraction (3%: in the gap between adjacent rounds, docs/results.md)
 max_acc_drop = 0.01  # allowed drop of the selection accuracy below student_kd's, with choose_by=acc
-temperature = 20.0  # distillation temperature for fine-tuning (when the teacher is there); as student_kd.pt records unless you set it
-alpha = 0.5  # distillation weight for fine-tuning; as student_kd.pt records unless you set it
+temperature = 4.0  # distillation temperature for fine-tuning (when the teacher is there); as student_kd.pt records unless you set it
+alpha = 1.0  # distillation weight for fine-tuning; as student_kd.pt records unless you set it
 use_teacher = True  # fine-tune with the distillation loss when teacher_resnet18.bin exists
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it

@@ -41,10 +41,10 @@ qat_lr = 5e-4  # its peak learning rate (AdamW, one-cycle schedule)
 weight_decay = 0.0  # AdamW weight decay in QAT
 rotate = 10.0  # QAT augmentation: random rotation up to this many degrees; as student_kd.pt records unless you set it
 jitter = 0.1  # QAT augmentation: brightness/contrast/saturation jitter; as student_kd.pt records unless you set it
-mix = "none"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); as student_kd.pt records unless you set it
+mix = "cutmix"  # mix each training view with a partner image's: none, mixup or cutmix (labels mixed alike); as student_kd.pt records unless you set it
 mix_alpha = 1.0  # mixup's own share is drawn from Beta(mix_alpha, mix_alpha); CutMix's box covers 1 - such a share; as student_kd.pt records unless you set it
-temperature = 20.0  # distillation temperature in QAT (when the teacher is there); as student_kd.pt records unless you set it
-alpha = 0.5  # distillation weight in QAT; as student_kd.pt records unless you set it
+temperature = 4.0  # distillation temperature in QAT (when the teacher is there); as student_kd.pt records unless you set it
+alpha = 1.0  # distillation weight in QAT; as student_kd.pt records unless you set it
 use_teacher = True  # QAT with the distillation loss when teacher_resnet18.bin exists
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as student_kd.pt was distilled with
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none or imagenet; as student_kd.pt records unless you set it

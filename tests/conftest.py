@@ -80,8 +80,8 @@ def pipeline(sample_root, tmp_path_factory):
             "--img_size=16", "--resize=18", "--batch_size=16", "--device=cpu"]
     runs = {}
     for script, extra in [("00_teacher.py", ["--epochs=1"]),
-                          ("01_architecture.py", ["--epochs=2", "--bench=False"]),
-                          ("02_distill.py", ["--epochs=2", "--sparsity=1e-4", "--mix=cutmix"]),
+                          ("01_architecture.py", ["--epochs=2", "--bench=False", "--mix=none"]),
+                          ("02_distill.py", ["--epochs=2", "--sparsity=1e-4"]),
                           ("03_prune.py", ["--prune_count=2", "--finetune_epochs=1", "--max_loss_rise=1e9"]),
                           ("04_quantize.py", ["--variants=fp16,q8,q4c", "--qat_variants=mix3",
                                               "--qat_epochs=1", "--max_loss_rise=1e9"])]:

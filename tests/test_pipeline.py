@@ -41,7 +41,7 @@ def test_distillation_saves_student_kd_and_compares(pipeline):
     out = runs["02_distill.py"].stdout
     for row in ("teacher (ResNet18)", "student from scratch", "distilled student"):
         assert row in out
-    assert "student from scratch (mix=none)" in out  # 02 mixed its views (the fixture's --mix=cutmix), 01 did not
+    assert "student from scratch (mix=none)" in out  # 02 mixed its views (its default), 01 did not (the fixture's --mix=none)
     assert common.load_model(ck / "student_kd.pt")[0].widths == common.student_widths()
 
 
