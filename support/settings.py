@@ -4,7 +4,7 @@ Where a value comes from, strongest first:
   1. the command line (--name=value), or the constant edited at the top of the script: the
      user's own value, always used;
   2. a checkpoint's record (03 and 04 adopt student_kd.pt's preprocessing), then a preset
-     (the generated sample's sizes, then recipe = "course"): these fill in only what the
+     (the generated sample's, then recipe = "course"): these fill in only what the
      user left alone;
   3. the constant as the script ships it.
 A constant counts as edited when it differs from the value the script shipped with, which
@@ -214,7 +214,7 @@ def print_help(script_path, cfg):
 def configure(namespace, argv=None):
     """The final settings of a script: its constants, the user's own values (the command line's
     and the constants edited in the script) over the presets' and, without data/food-11 and
-    --data_dir, the generated sample's sizes. Every value is checked here, before any work."""
+    --data_dir, the generated sample's preset. Every value is checked here, before any work."""
     argv = sys.argv[1:] if argv is None else argv
     script_path = namespace.get("__file__", sys.argv[0])
     script = Path(script_path).name
@@ -346,13 +346,21 @@ def describe_preprocess(preprocess, cfg):
 DISTILLED_WITH = ("teacher_norm", "rotate", "jitter", "mix", "mix_alpha", "temperature", "alpha", "seed")  # what 02 records for 03 and 04
 
 
+# 02 recorded its mixing and loss only from 2026-12-01: a student_kd.pt from before was distilled
+# unmixed, and 03 and 04 then used 02's defaults of the time for the loss
+BEFORE_RECORDED = {"mix": "none", "temperature": 20.0, "alpha": 0.5}
+
+
 def adopt_teacher_settings(cfg, kd_metrics, views_otherwise):
     """03 and 04 distil as 02 did, on the same teacher bank: the teacher's norm, the augmentation
     (mixing included), the loss's temperature and alpha, the seed and the number of views, as
     student_kd.pt records them (each unless the user chose it). Called before check_resume, which may still prefer a state's."""
+    older = bool(kd_metrics) and "mix" not in kd_metrics
     for name in DISTILLED_WITH:
         if name in cfg and kd_metrics.get(name) is not None:
             cfg.fill(name, kd_metrics[name], "student_kd.pt")
+        elif name in cfg and older and name in BEFORE_RECORDED:
+            cfg.fill(name, BEFORE_RECORDED[name], "the defaults of the time (student_kd.pt records no mixing or loss)")
     if not cfg.teacher_views and kd_metrics.get("views"):
         cfg.fill("teacher_views", kd_metrics["views"], "student_kd.pt")
     cfg.teacher_views = cfg.teacher_views or views_otherwise

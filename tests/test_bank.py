@@ -161,8 +161,8 @@ def test_pruning_reads_the_bank_distillation_built_and_can_ask_the_teacher_inste
     assert "asking the teacher about views 0, 1" in runs["02_distill.py"].stdout
     assert "the teacher is not loaded" in runs["03_prune.py"].stdout
     assert "the teacher saw 0 training images" in runs["03_prune.py"].stdout
-    for later in ("03_prune.py", "04_quantize.py"):  # on 02's mixed views: the same bank
-        assert "mix=cutmix" in runs[later].stdout and "from student_kd.pt" in runs[later].stdout
+    for later in ("03_prune.py", "04_quantize.py"):  # on 02's mixed views (its default): the same bank
+        assert "teacher_views=2 from student_kd.pt" in runs[later].stdout
     copy = tmp_path / "ck"
     shutil.copytree(ckpt, copy)
     args = [a for a in args if not a.startswith("--ckpt_dir")] + [f"--ckpt_dir={copy}"]
@@ -179,6 +179,11 @@ def test_later_stages_distil_with_the_teacher_settings_student_kd_records():
                                           "temperature": 20.0}, 3)
     assert (cfg.teacher_norm, cfg.teacher_views, cfg.mix, cfg.alpha) == ("imagenet", 10, "cutmix", 1.0)
     assert cfg.provenance() == "settings: teacher_norm=imagenet, mix=cutmix, alpha=1.0, teacher_views=10 from student_kd.pt"
+    older = settings.Settings({"teacher_norm": "none", "teacher_views": 0, "mix": "cutmix", "alpha": 1.0,
+                               "temperature": 4.0})
+    settings.adopt_teacher_settings(older, {"teacher_norm": "imagenet", "views": 10}, 3)  # made before 02 recorded mixing
+    assert (older.mix, older.temperature, older.alpha) == ("none", 20.0, 0.5)
+    assert "mix=none, temperature=20.0, alpha=0.5 from the defaults of the time" in older.provenance()
     given = settings.Settings({"teacher_norm": "none", "teacher_views": 4}, given={"teacher_norm", "teacher_views"})
     settings.adopt_teacher_settings(given, {"teacher_norm": "imagenet", "views": 10}, 3)
     assert (given.teacher_norm, given.teacher_views) == ("none", 4)

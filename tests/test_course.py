@@ -9,7 +9,7 @@ from torchvision.transforms import functional as TF
 
 import common
 from support import files, images, running, settings
-from conftest import FAST, run_script
+from conftest import FAST, REPO, run_script
 
 SHAPES = [(384, 512), (512, 384), (200, 300)]  # height, width: landscape, portrait, smaller than the crop
 
@@ -94,6 +94,9 @@ def test_recipe_course_sets_the_homeworks_choices_and_each_stays_overridable():
     cfg = settings.configure(script, ["--recipe=course", "--batch_size=8"])
     assert (cfg.img_size, cfg.resize, cfg.rotate, cfg.jitter, cfg.lr, cfg.norm, cfg.schedule) == \
         (256, images.NATIVE, 15.0, 0.0, 1e-3, "none", "constant")
+    distill = {**settings.shipped_settings("02_distill.py"), "__file__": str(REPO / "02_distill.py"), "data_dir": "x"}
+    course = settings.configure(distill, ["--recipe=course"])
+    assert (course.mix, course.temperature, course.alpha) == ("none", 20.0, 0.5)  # not 02's CutMix, T=4, alpha=1
     assert cfg.batch_size == 8  # given wins
     assert settings.configure(script, []).img_size == 224  # ours by default
     with pytest.raises(running.UserError, match="ours or course"):

@@ -144,19 +144,19 @@ def test_resume_uses_the_recorded_settings_or_refuses_other_given_ones(sample_ro
     ck = tmp_path / "ck"
     args = [f"--data_dir={sample_root}", f"--ckpt_dir={ck}", f"--cache_dir={tmp_path / 'cache'}",
             *FAST, "--bench=False"]
-    proc = start("01_architecture.py", [*args, "--epochs=3", "--mix=cutmix"])
+    proc = start("01_architecture.py", [*args, "--epochs=3", "--mix=mixup"])
     wait_for(ck / "student_scratch.pt.resume.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for wrong, message in (("--epochs=5", "--epochs=5, but student_scratch.pt.resume.pt was made with epochs=3"),
-                           ("--mix=mixup", "--mix=mixup, but student_scratch.pt.resume.pt was made with mix=cutmix"),
+                           ("--mix=cutmix", "--mix=cutmix, but student_scratch.pt.resume.pt was made with mix=mixup"),
                            ("--lr=0.1", "--lr=0.1, but student_scratch.pt.resume.pt was made with lr=0.003")):
         refused = run_script("01_architecture.py", *args, wrong, "--resume=True")
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert refused.stdout == "" and "Traceback" not in refused.stderr
     resumed = run_script("01_architecture.py", *args, "--resume=True")  # 01's default is 40 epochs
     assert resumed.returncode == 0, resumed.stderr
-    assert "; epochs=3, mix=cutmix from student_scratch.pt.resume.pt" in resumed.stdout  # the settings: line
+    assert "; epochs=3, mix=mixup from student_scratch.pt.resume.pt" in resumed.stdout  # the settings: line
     assert "scratch epoch   3/3" in resumed.stdout and "/40" not in resumed.stdout
 
 

@@ -89,8 +89,8 @@ def test_a_preset_fills_only_what_the_user_left_alone():
     assert (cfg.resize, cfg.norm, cfg.batch_size, cfg.schedule) == (images.NATIVE, "none", 32, "constant")
     assert cfg.provenance() == (
         "settings: recipe=course, img_size=96, data_dir=x from 02_distill.py (edited); lr=0.01 from the command line; "
-        "resize=-1, rotate=15.0, jitter=0.0, norm=none, schedule=constant, weight_decay=0.01, batch_size=32 "
-        "from support/presets/course.py")
+        "resize=-1, rotate=15.0, jitter=0.0, mix=none, norm=none, schedule=constant, weight_decay=0.01, batch_size=32, "
+        "temperature=20.0, alpha=0.5 from support/presets/course.py")
     assert cfg.said("img_size") == "img_size=96 (set in 02_distill.py)" and cfg.said("lr") == "--lr=0.01"
 
 
@@ -150,7 +150,7 @@ def test_an_edited_constant_wins_over_the_sample(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "scratch epoch   2/2" in out and "/6" not in out  # not the sample's 6 epochs
     assert "(27 px stored, 24 px crops)" in out  # its own crop, and the stored size that goes with it
-    assert "batch_size=32 from support/presets/sample.py" in out
+    assert "batch_size=32, mix=none from support/presets/sample.py" in out
     assert "img_size=24, epochs=2, bench=False from 01_architecture.py (edited)" in out
 
 

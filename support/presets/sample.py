@@ -1,6 +1,6 @@
 """The generated sample (no data/food-11 and no --data_dir): sizes that run the whole pipeline
-in under a minute on a 2-core CPU, for whichever of these settings a script has and the user
-left alone."""
+in under a minute on a 2-core CPU, and what so short a run needs, for whichever of these
+settings a script has and the user left alone."""
 
 img_size = 32
 resize = 36
