@@ -85,7 +85,7 @@ def model_paths(names, ckpt_dir):
     for name in names:
         if name == "final":
             record = next((r for r in files.read_results(ckpt_dir)
-                           if r["model"] == "final" and str(r.get("stage", "")).startswith("4")), None)
+                           if r["model"] == "final" and files.stage_of(r) == "4"), None)
             if record is None:
                 raise UserError(f"{ckpt_dir / files.RESULTS}: no final file recorded; run 04_quantize.py first")
             paths[name] = ckpt_dir / record["file"]
@@ -107,8 +107,8 @@ def export(name, path, model, preprocess, data, score, cfg, ckpt_dir):
     onnx_path = ckpt_dir / f"{name}.onnx"
     example = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
     module = Deployed(model, preprocess["norm"])
-    fp32 = deploy.onnx_bytes(module, example, meta)
     codes = qfile.read_codes(path) if path.suffix == ".npz" else {}
+    fp32 = deploy.onnx_bytes(module, example, meta) if cfg.int8 or not codes else None  # int8 starts from float weights
     blob = deploy.with_codes(deploy.onnx_bytes(module, example, meta, by_name=True),
                              {f"model.{k}": c for k, c in codes.items()}) if codes else fp32
     files.atomic_write(files.new_path(onnx_path), lambda f: f.write(blob))

@@ -57,14 +57,17 @@ def new_path(path):
 BUILT_ON = {"2": "345", "3": "45", "4": "5"}
 
 
+def stage_of(row):
+    """The stage number of a results-log row, as a character ("4" for "4 quantization")."""
+    return str(row.get("stage", ""))[:1]
+
+
 def still_valid(rows, records):
     """The rows of the results log a run's records leave standing: not of the same model, not of
     the same stage (a round or file the new run no longer makes), not of a stage built on it."""
-    def stage(row):
-        return str(row.get("stage", ""))[:1]
     names = {r["model"] for r in records}
-    stale = set().union(*(stage(r) + BUILT_ON.get(stage(r), "") for r in records))
-    return [r for r in rows if r["model"] not in names and stage(r) not in stale]
+    stale = set().union(*(stage_of(r) + BUILT_ON.get(stage_of(r), "") for r in records))
+    return [r for r in rows if r["model"] not in names and stage_of(r) not in stale]
 
 
 def publish(ckpt_dir, outputs=(), records=(), finished=()):

@@ -173,7 +173,8 @@ def decode(arrays):
             lo, hi = (torch.from_numpy(a.copy()) for a in (held.lo, held.hi))
             sd[name] = dequantize(torch.from_numpy(held.q.astype(np.float64)), lo, hi, held.bits, shape, dtype)
         else:
-            sd[name] = torch.from_numpy(held.astype(np.float32) if spec["store"] == "f16" else held.copy()).to(dtype).reshape(shape)
+            values = held.astype(np.float32) if spec["store"] == "f16" else held.copy()
+            sd[name] = torch.from_numpy(values).to(dtype).reshape(shape)
     if not all(t.isfinite().all() for t in sd.values() if t.is_floating_point()):
         raise ValueError("it decodes to values that are not finite")
     return sd
