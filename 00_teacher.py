@@ -87,7 +87,8 @@ def main():
         chosen = {"select_acc": round(best["select_acc"], 4)}
         print(f"teacher: val acc {val} (the last of {best['epoch']} epochs)")
     size_of = files.new_path(path) if outputs else path
-    record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size, **chosen)
+    record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size,
+                                 sha1=files.file_sha1(size_of)[:16], **chosen)  # a new teacher drops the rows made with the old one
     files.say_written(files.publish(ckpt_dir, outputs, [record],
                                     finished=[files.new_path(work), Resumable(work, cfg).state]))
 

@@ -89,8 +89,8 @@ def main():
     kd_val = score(student, preprocess)
     record = common.model_record("2 distillation", "student_kd", student, files.new_path(path), kd_val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
-                                 seed=cfg.seed, temperature=cfg.temperature,
-                                 alpha=cfg.alpha)
+                                 seed=cfg.seed, temperature=cfg.temperature, alpha=cfg.alpha,
+                                 **({} if cfg.from_scratch else {"start": "student_scratch"}))
 
     def table_row(name, val, seen):
         return {"model": name, "sees": describe_preprocess(seen, cfg), reports.VAL_COLUMN: val}

@@ -231,7 +231,8 @@ def main():
 
     # --- the frontier, and the final model: the smallest file close to student_kd on selection
     reports.pareto(rows)
-    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", limit=(cfg.max_bytes, "bytes"))
+    budget = (cfg.max_bytes, "bytes")
+    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", budget)
     table = [{"file": r["path"].name, "bytes": r["bytes"], reports.VAL_COLUMN: r["val"], SELECT_COLUMN: r["select"],
               "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""}
              for r in sorted(rows, key=lambda r: r["bytes"])]
@@ -241,8 +242,7 @@ def main():
     print_qat_gain(rows, qat_paths)
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
-          f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with "
-          f"{common.rule_text(cfg, limit=(cfg.max_bytes, 'bytes'))})")
+          f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with {common.rule_text(cfg, budget)})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
         r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc

@@ -3,8 +3,9 @@ each stage buys.
 
 Exports student_kd, student_pruned and the final file 04 chose to ONNX: fp32, uint8 RGB centre
 crops in (the normalisation inside the graph), the crop and stored size in the file's metadata.
-A quantized file goes in as its b-bit codes, which ONNX Runtime decodes into float weights when
-a session starts (the final model's .onnx file is a sixth of a float one, and as fast); a .pt
+A quantized file goes in as its b-bit codes (a float16 file as float16), which ONNX Runtime decodes
+into float weights when a session starts (the final model's .onnx file is a sixth of a float one,
+and as fast); a .pt
 checkpoint as float weights, BatchNorm folded into the convolutions. And a static int8 version
 of each (QDQ, per channel, activation ranges calibrated on training images). Checks that ONNX Runtime
 predicts what the decoded PyTorch model predicts on validation, then times every model in
@@ -107,7 +108,7 @@ def export(name, path, model, preprocess, data, score, cfg, ckpt_dir):
     onnx_path = ckpt_dir / f"{name}.onnx"
     example = torch.zeros(1, crop, crop, 3, dtype=torch.uint8)
     module = Deployed(model, preprocess["norm"])
-    codes = qfile.read_codes(path) if path.suffix == ".npz" else {}
+    codes = qfile.read_held(path) if path.suffix == ".npz" else {}
     fp32 = deploy.onnx_bytes(module, example, meta) if cfg.int8 or not codes else None  # int8 starts from float weights
     blob = deploy.with_codes(deploy.onnx_bytes(module, example, meta, by_name=True),
                              {f"model.{k}": c for k, c in codes.items()}) if codes else fp32

@@ -41,11 +41,12 @@ def onnx_bytes(module, example, metadata=None, by_name=False):
 
 def with_codes(blob, codes):
     """The ONNX model `blob` (from onnx_bytes(..., by_name=True)) with each float initializer
-    named in `codes` ({name: qfile.Codes}) rebuilt from its b-bit codes by graph nodes: the codes
-    of each width bit-packed into one byte string, unpacked, split, and each row scaled into its
-    [lo, hi]. The nodes depend on nothing but constants, so ONNX Runtime folds them into float
-    weights when a session starts (the default optimization level; a runtime that folds nothing
-    would decode them on every call): the file is a sixth of a float one, and runs as fast."""
+    named in `codes` ({name: qfile.Codes or a float16 array}) rebuilt from what a quantized file
+    holds by graph nodes: the codes of each width bit-packed into one byte string, unpacked,
+    split, and each row scaled into its [lo, hi]; a float16 array cast. The nodes depend on
+    nothing but constants, so ONNX Runtime folds them into float weights when a session starts
+    (the default optimization level; a runtime that folds nothing would decode them on every
+    call): a 3-bit file's is a sixth of a float one, a float16 file's half, and each runs as fast."""
     import onnx
     proto = onnx.load_from_string(blob)
     graph = proto.graph
@@ -54,6 +55,11 @@ def with_codes(blob, codes):
     if missing:
         raise ValueError(f"the graph has no initializer {missing[0]!r}")
     decoder = Decoder(graph)
+    for name, held in codes.items():
+        if isinstance(held, np.ndarray):
+            decoder.node("Cast", [decoder.const(held.astype(np.float16))], [name], to=onnx.TensorProto.FLOAT)
+            graph.initializer.remove(floats[name])
+    codes = {name: c for name, c in codes.items() if not isinstance(c, np.ndarray)}
     for bits in sorted({c.bits for c in codes.values()}):
         group = {name: c for name, c in codes.items() if c.bits == bits}
         parts = decoder.codes(np.concatenate([c.q.reshape(-1) for c in group.values()]), bits,

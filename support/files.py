@@ -51,10 +51,8 @@ def new_path(path):
 
 
 # The stages whose rows a new run of a stage leaves stale, beyond its own: those built on its
-# output. 00 and 01 are left out: 00 mostly re-scores the teacher it finds, and 02 starts from
-# 01's scratch student only with --from_scratch=False; after a new teacher, or in that case,
-# rerun the later stages to refresh their rows.
-BUILT_ON = {"2": "345", "3": "45", "4": "5"}
+# output. 00 and 01 feed later stages only sometimes (teacher_changed, scratch_started).
+BUILT_ON = {"0": "2345", "1": "2345", "2": "345", "3": "45", "4": "5"}
 
 
 def stage_of(row):
@@ -62,11 +60,33 @@ def stage_of(row):
     return str(row.get("stage", ""))[:1]
 
 
+def teacher_changed(rows, record):
+    """Whether 00's `record` is about another teacher than the log's stage-0 row: another file
+    (SHA-1), or, for a row from before 00 recorded it, other validation predictions."""
+    old = [r for r in rows if stage_of(r) == "0"]
+    if not old:
+        return False
+    key = "sha1" if "sha1" in old[-1] and "sha1" in record else "val_correct"
+    return old[-1].get(key) != record.get(key)
+
+
+def scratch_started(rows, record):
+    """Whether a row of the log's student_kd started from 01's `record`'s model (02 --from_scratch=False)."""
+    return any(stage_of(r) == "2" and r.get("start") == record["model"] for r in rows)
+
+
+def made_stale(rows, record):
+    """The stages of the log whose rows `record` leaves stale."""
+    stage = stage_of(record)
+    feeds = {"0": teacher_changed, "1": scratch_started}.get(stage, lambda *_: True)(rows, record)
+    return set(stage + (BUILT_ON.get(stage, "") if feeds else ""))
+
+
 def still_valid(rows, records):
     """The rows of the results log a run's records leave standing: not of the same model, not of
     the same stage (a round or file the new run no longer makes), not of a stage built on it."""
     names = {r["model"] for r in records}
-    stale = set().union(*(stage_of(r) + BUILT_ON.get(stage_of(r), "") for r in records))
+    stale = set().union(*(made_stale(rows, r) for r in records))
     return [r for r in rows if r["model"] not in names and stage_of(r) not in stale]
 
 

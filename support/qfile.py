@@ -220,11 +220,11 @@ def read_quantized(path, build):
     return model, meta
 
 
-def read_codes(path):
-    """{name: Codes} of a quantized .npz's b-bit tensors, as the file holds them (none in a
-    float16 file)."""
+def read_held(path):
+    """{name: Codes or a float16 array} of a quantized .npz's float tensors, as the file holds them."""
     with read_errors(path):
-        return {name: held for name, (_, held) in stored(load_arrays(path)).items() if isinstance(held, Codes)}
+        return {name: held if isinstance(held, Codes) else held.reshape(spec["shape"])
+                for name, (spec, held) in stored(load_arrays(path)).items() if spec["store"] != "ints"}
 
 
 def load_arrays(path):

@@ -59,7 +59,7 @@ def test_an_interrupted_rerun_leaves_the_good_model_and_its_record(finished, sig
 def test_a_failed_rerun_leaves_them_too(finished):
     ck, args = finished
     before = snapshot(ck)
-    proc = run_script("02_distill.py", *args, "--epochs=2", "--lr=1e30", "--mix=cutmix")  # the pipeline's bank
+    proc = run_script("02_distill.py", *args, "--epochs=2", "--lr=1e30")  # the settings of the pipeline's bank
     assert proc.returncode == 2 and "the loss became" in proc.stderr
     assert_untouched(before, ck)
 
@@ -293,6 +293,31 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
     assert models() == ["teacher", "student_kd", "student_scratch", "round_0.8", "final"]
     files.publish(tmp_path, records=rows(("2 distillation", "student_kd")))
     assert models() == ["teacher", "student_scratch", "student_kd"]
+
+
+def test_a_new_teacher_or_a_new_start_drops_what_was_made_from_the_old_one(tmp_path):
+    def later_rows():
+        return [{"stage": "2 distillation", "model": "student_kd", "start": "student_scratch"},
+                {"stage": "3 pruning", "model": "student_pruned"}, {"stage": "4 quantization", "model": "final"}]
+
+    def models():
+        return [r["model"] for r in files.read_results(tmp_path)]
+    teacher = {"stage": "0 teacher", "model": "teacher", "sha1": "aaaa", "val_correct": "ff"}
+    files.publish(tmp_path, records=[teacher, *later_rows()])
+    files.publish(tmp_path, records=[teacher])  # 00 re-scored the same file
+    assert models() == ["student_kd", "student_pruned", "final", "teacher"]
+    files.publish(tmp_path, records=[{**teacher, "sha1": "bbbb"}])  # 00 trained a new one
+    assert models() == ["teacher"]
+    files.publish(tmp_path, records=[{"stage": "0 teacher", "model": "teacher", "val_correct": "ff"}, *later_rows()])
+    files.publish(tmp_path, records=[{**teacher, "val_correct": "fe"}])  # a row from before 00 recorded the file
+    assert models() == ["teacher"]
+
+    files.publish(tmp_path, records=later_rows())
+    files.publish(tmp_path, records=[{"stage": "1 architecture", "model": "student_scratch"}])  # 02 started from it
+    assert models() == ["teacher", "student_scratch"]
+    files.publish(tmp_path, records=[{**later_rows()[0], "start": None}, *later_rows()[1:]])
+    files.publish(tmp_path, records=[{"stage": "1 architecture", "model": "student_scratch"}])  # 02 did not
+    assert models() == ["teacher", "student_kd", "student_pruned", "final", "student_scratch"]
 
 
 def test_ctrl_c_waits_for_the_swap_even_when_another_thread_gets_it():
