@@ -36,7 +36,7 @@ prune_rate = 0.8  # round k keeps prune_rate**k of each pruned group's channels
 prune_count = 5  # pruning rounds, each from student_kd.pt
 prune_groups = "1,2,3,4,5,6,7"  # channel groups that may be pruned (the course pruned 4-7)
 channel_multiple = 16  # every kept channel count is rounded to a multiple of this (16: AVX-512's vector width, 4-16% faster there than 8, and a multiple of AVX2's 8); 1 = exact counts
-method = "global"  # global: one |gamma| threshold over all groups, at the uniform model's parameter count; uniform: the same fraction per group; latency: one threshold of |gamma| per multiply-add, at the uniform model's multiply-adds (faster, less accurate: docs/results.md)
+method = "global"  # global: one |gamma| threshold over all groups, at the uniform model's parameter count; uniform: the same fraction per group
 finetune_epochs = 8  # fine-tuning epochs after each pruning (on a 40-epoch student 8 leave every round's selection loss lower than 5 or 2; 16 lower it more, not validation: docs/results.md)
 lr = 1e-3  # peak fine-tuning learning rate (AdamW)
 schedule = "onecycle"  # learning-rate schedule: onecycle (ours) or constant (the course's)
@@ -124,35 +124,29 @@ def slim(model, keep, groups=GROUPS, multiple=1):
     return slim_counts(model.cpu(), counts)
 
 
-def global_counts(model, fits, groups=GROUPS, multiple=1, cost=None):
-    """Per-group counts from one threshold over all groups' |gamma| (the paper's way; with
-    `cost`, {group: cost of one of its channels}, over |gamma| per unit of cost), each rounded to
-    a multiple of `multiple`, as low as it can go while fits(slim StudentNet) holds."""
+def global_counts(model, max_params, groups=GROUPS, multiple=1):
+    """Per-group counts from one |gamma| threshold over all groups (the paper's way), each
+    rounded to a multiple of `multiple`, as low as it can go while the slim model has at most
+    max_params parameters."""
     groups, model = list(groups), model.cpu()
-    scores = torch.cat([importance(model, g) / (cost[g] if cost else 1) for g in groups])
+    scores = torch.cat([importance(model, g) for g in groups])
     owner = torch.cat([torch.full((model.widths[g - 1],), g) for g in groups])
     ranked = owner[scores.argsort(descending=True)]
 
     def counts_for(top):
         return {g: rounded(int((ranked[:top] == g).sum()), model.widths[g - 1], multiple) for g in groups}
 
-    lo, hi = 0, len(ranked)  # the largest `top` whose model fits
+    def params(counts):
+        widths = list(model.widths)
+        for g, c in counts.items():
+            widths[g - 1] = c
+        return common.count_params(common.StudentNet(widths=widths, num_classes=model.fc[0].out_features))
+
+    lo, hi = 0, len(ranked)  # the largest `top` whose model fits max_params
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(with_counts(model, counts_for(mid))) else (lo, mid - 1)
+        lo, hi = (mid, hi) if params(counts_for(mid)) <= max_params else (lo, mid - 1)
     return counts_for(lo)
-
-
-def with_counts(model, counts):
-    """An empty StudentNet of model's widths with group g's changed to counts[g]."""
-    widths = [counts.get(g, w) for g, w in enumerate(model.widths, 1)]
-    return common.StudentNet(widths=widths, num_classes=model.fc[0].out_features)
-
-
-def macs_per_channel(model, groups, img_size):
-    """{group: the multiply-adds one of its channels costs}: 467k in group 1 (a 112 px conv), 19-26k in 4-7."""
-    macs = common.count_macs(model, img_size)
-    return {g: macs - common.count_macs(with_counts(model, {g: model.widths[g - 1] - 1}), img_size) for g in groups}
 
 
 def parse_groups(text):
@@ -169,17 +163,13 @@ def parse_groups(text):
 # The pruning rounds
 # ============================================================================================
 
-def prune_model(base, keep, groups, method, multiple, img_size):
-    """The round's pruned model: `keep` of each group (uniform); or one threshold over all groups
-    at the uniform model's size: of |gamma| at its parameters (global), of |gamma| per
-    multiply-add at its multiply-adds (latency). Channel counts rounded to multiples of `multiple`."""
+def prune_model(base, keep, groups, method, multiple):
+    """The round's pruned model: `keep` of each group, or (global) one |gamma| threshold at
+    the uniform model's parameter count; channel counts rounded to multiples of `multiple`."""
     model = slim(base, keep, groups, multiple)
-    if method == "uniform":
-        return model
-    size = common.count_params if method == "global" else lambda m: common.count_macs(m, img_size)
-    cost = macs_per_channel(base, groups, img_size) if method == "latency" else None
-    budget = size(model)
-    return slim_counts(base, global_counts(base, lambda m: size(m) <= budget, groups, multiple, cost))
+    if method == "global":
+        model = slim_counts(base, global_counts(base, common.count_params(model), groups, multiple))
+    return model
 
 
 def round_names(keeps):
@@ -202,7 +192,7 @@ def main():
     sparse_path = ckpt_dir / "student_sparse.pt"
     check_resume(cfg, sparse_path)  # it may say what sparsity the rounds' names carry
     sparse = bool(cfg.sparsity and cfg.sparsity_epochs)
-    variant = ("" if cfg.method == "uniform" else f"_{cfg.method}") + ("_sparse" if sparse else "")
+    variant = ("_global" if cfg.method == "global" else "") + ("_sparse" if sparse else "")
     keeps = [cfg.prune_rate ** k for k in range(1, cfg.prune_count + 1)]
     round_paths = [ckpt_dir / f"student_pruned_{name}{variant}.pt" for name in round_names(keeps)]
     check_resume(cfg, *round_paths)
@@ -239,7 +229,7 @@ def main():
     # --- the rounds, each from the same base ------------------------------------------------
     rows, records = [], []
     for k, (keep, path) in enumerate(zip(keeps, round_paths), 1):
-        model = prune_model(base, keep, groups, cfg.method, cfg.channel_multiple, cfg.img_size)
+        model = prune_model(base, keep, groups, cfg.method, cfg.channel_multiple)
         before = score(model, preprocess)
         print(f"\nround {k}: keep {keep:.3f} ({cfg.method}) -> widths {model.widths}, "
               f"{common.count_params(model):,} params, val acc {before} before fine-tuning")

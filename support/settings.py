@@ -55,7 +55,7 @@ CHECKS = {
                "auto, cpu, cuda, cuda:N or mps"),
     "teacher_norm": (lambda v: v in ("imagenet", "none"), "imagenet or none"),
     "select_fraction": (lambda v: 0 <= v < 1, "in [0, 1); 0 chooses on validation (optimistic)"),
-    "method": (lambda v: v in ("uniform", "global", "latency"), "uniform, global or latency"),
+    "method": (lambda v: v in ("uniform", "global"), "uniform or global"),
     "teacher_views": (lambda v: v >= 0, "at least 0 (0 = as many as the epochs)"),
     "qat_epochs": (lambda v: v >= 1, "at least 1"),
     "qat_lr": (lambda v: v > 0, "greater than 0"),

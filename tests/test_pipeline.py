@@ -52,7 +52,7 @@ def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):
     for keep in (0.8, 0.64):
         path = ck / f"student_pruned_{keep:.3f}_global.pt"
         pruned = common.load_model(path)[0]
-        fresh = prune.prune_model(kd, keep, prune.GROUPS, "global", prune.channel_multiple, 16)
+        fresh = prune.prune_model(kd, keep, prune.GROUPS, "global", prune.channel_multiple)
         assert pruned.widths == fresh.widths and all(w % 16 == 0 for w in pruned.widths)  # the default multiple
         assert not torch.equal(pruned.cnn[5][3].weight, fresh.cnn[5][3].weight)  # it was trained
     assert (ck / "student_pruned.pt").exists()

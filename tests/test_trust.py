@@ -222,7 +222,7 @@ def counts_cases(model):
     uniform = {g: max(1, round(0.6 * model.widths[g - 1])) for g in prune.GROUPS}
     budget = common.count_params(prune.slim(model, 0.5))
     return {f"group {g} alone": {g: max(1, model.widths[g - 1] // 3)} for g in prune.GROUPS} | {
-        "uniform 0.6, every group": uniform, "global threshold": prune.global_counts(model, lambda m: common.count_params(m) <= budget),
+        "uniform 0.6, every group": uniform, "global threshold": prune.global_counts(model, budget),
         "one channel left everywhere": {g: 1 for g in prune.GROUPS}}
 
 
