@@ -629,10 +629,16 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
     """The smallest of `rows` (by size(row)) whose selection Score row["select"] is close to
     student_kd's there (`reference`, the same images): a mean cross-entropy at most
     (1 + max_loss_rise) times its (choose_by=loss), or an accuracy at most max_acc_drop below
-    (acc); where none is, the best there, with a warning; where all scored NaN, none. A budget, limit = (amount, unit), leaves
-    out the rows larger than amount (0: no budget); where all are, the smallest, with a warning.
-    On a few hundred images the loss is about twice as steady as the accuracy: each image adds
-    how sure the model was, not one bit."""
+    (acc); where none is, the best there, with a warning. A row that scored NaN is left out (all
+    of them: an error). A budget, limit = (amount, unit), leaves out the rows larger than amount
+    (0: no budget); where all are, the smallest, with a warning. On a few hundred images the loss
+    is about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
+    def better(row):  # higher is better
+        value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
+        return value if value == value else -math.inf
+    rows = [r for r in rows if better(r) > -math.inf]  # a model that scored NaN is never chosen
+    if not rows:
+        raise UserError(f"every {what} scored NaN on the selection split (a diverged model?): none to choose")
     if limit[0]:
         within = [r for r in rows if size(r) <= limit[0]]
         if not within:
@@ -640,13 +646,7 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
             warn(f"no {what} has at most {limit[0]:,} {limit[1]}; keeping the smallest ({size(smallest):,} {limit[1]})")
             return smallest
         rows = within
-    def better(row):  # higher is better; a NaN score never wins
-        value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
-        return value if value == value else -math.inf
     bar = -reference.loss * (1 + cfg.max_loss_rise) if cfg.choose_by == "loss" else reference.acc - cfg.max_acc_drop
-    if all(better(r) == -math.inf for r in rows):
-        raise UserError(f"every {what}{' that fits' if limit[0] else ''} scored NaN on the selection split "
-                        "(a diverged model?): none to choose")
     fits = [r for r in rows if better(r) >= bar]
     if fits:
         return min(fits, key=lambda r: (size(r), -better(r)))

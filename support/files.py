@@ -61,13 +61,15 @@ def stage_of(row):
 
 
 def teacher_changed(rows, record):
-    """Whether 00's `record` is about another teacher than the log's stage-0 row: another file
-    (SHA-1), or, for a row from before 00 recorded it, other validation predictions."""
+    """Whether 00's `record` is about another teacher file (SHA-1) than the log's later rows were
+    made with: the one 02 recorded, else the one the stage-0 row is about (for a row from before
+    either recorded it, a teacher with other validation predictions); no such row, no change."""
+    distilled = [r["teacher_sha1"] for r in rows if stage_of(r) == "2" and "teacher_sha1" in r]
+    if distilled:
+        return distilled[-1] != record["sha1"]
     old = [r for r in rows if stage_of(r) == "0"]
-    if not old:
-        return False
-    key = "sha1" if "sha1" in old[-1] and "sha1" in record else "val_correct"
-    return old[-1].get(key) != record.get(key)
+    key = "sha1" if old and "sha1" in old[-1] else "val_correct"
+    return bool(old) and old[-1].get(key) != record.get(key)
 
 
 def scratch_started(rows, record):

@@ -43,6 +43,8 @@ def test_distillation_saves_student_kd_and_compares(pipeline):
         assert row in out
     assert "student from scratch (mix=none)" in out  # 02 mixed its views (its default), 01 did not (the fixture's --mix=none)
     assert common.load_model(ck / "student_kd.pt")[0].widths == common.student_widths()
+    rows = {files.stage_of(r): r for r in files.read_results(ck)}  # which teacher made student_kd
+    assert rows["0"]["sha1"] == files.file_sha1(ck / files.TEACHER_FILE)[:16] == rows["2"]["teacher_sha1"]
 
 
 def test_pruning_rounds_shrink_and_fine_tuning_changes_weights(pipeline):

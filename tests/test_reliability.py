@@ -64,6 +64,14 @@ def test_a_failed_rerun_leaves_them_too(finished):
     assert_untouched(before, ck)
 
 
+def test_a_new_scratch_student_drops_the_rows_of_a_student_kd_started_from_it(finished):
+    ck, args = finished
+    assert run_script("02_distill.py", *args, "--epochs=1", "--from_scratch=False").returncode == 0
+    assert {r["model"]: r for r in files.read_results(ck)}["student_kd"]["start"] == "student_scratch"
+    assert run_script("01_architecture.py", *args, "--epochs=1", "--bench=False", "--mix=none").returncode == 0
+    assert sorted(files.stage_of(r) for r in files.read_results(ck)) == ["0", "1"]
+
+
 def test_a_finished_run_replaces_files_and_records_together(finished):
     ck, args = finished
     old = {r["model"]: r for r in files.read_results(ck)}["student_kd"]
@@ -296,26 +304,42 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
 
 
 def test_a_new_teacher_or_a_new_start_drops_what_was_made_from_the_old_one(tmp_path):
-    def later_rows():
-        return [{"stage": "2 distillation", "model": "student_kd", "start": "student_scratch"},
+    def later_rows(teacher="aaaa", **kd):
+        return [{"stage": "1 architecture", "model": "student_scratch"},
+                {"stage": "2 distillation", "model": "student_kd", "teacher_sha1": teacher, **kd},
                 {"stage": "3 pruning", "model": "student_pruned"}, {"stage": "4 quantization", "model": "final"}]
 
     def models():
         return [r["model"] for r in files.read_results(tmp_path)]
-    teacher = {"stage": "0 teacher", "model": "teacher", "sha1": "aaaa", "val_correct": "ff"}
-    files.publish(tmp_path, records=[teacher, *later_rows()])
-    files.publish(tmp_path, records=[teacher])  # 00 re-scored the same file
-    assert models() == ["student_kd", "student_pruned", "final", "teacher"]
-    files.publish(tmp_path, records=[{**teacher, "sha1": "bbbb"}])  # 00 trained a new one
-    assert models() == ["teacher"]
-    files.publish(tmp_path, records=[{"stage": "0 teacher", "model": "teacher", "val_correct": "ff"}, *later_rows()])
-    files.publish(tmp_path, records=[{**teacher, "val_correct": "fe"}])  # a row from before 00 recorded the file
-    assert models() == ["teacher"]
 
-    files.publish(tmp_path, records=later_rows())
+    def log(*rows):
+        files.atomic_json(tmp_path / files.RESULTS, list(rows))
+    teacher = {"stage": "0 teacher", "model": "teacher", "sha1": "aaaa", "val_correct": "ff"}
+    everything = ["student_scratch", "student_kd", "student_pruned", "final", "teacher"]
+    log(teacher, *later_rows())
+    files.publish(tmp_path, records=[teacher])  # 00 re-scored the file 02 distilled from
+    assert models() == everything
+    files.publish(tmp_path, records=[{**teacher, "sha1": "bbbb"}])  # 00 trained a new one
+    assert models() == ["student_scratch", "teacher"]
+    log(*later_rows())  # no stage-0 row: 02's record says which teacher it had
+    files.publish(tmp_path, records=[{**teacher, "sha1": "bbbb"}])
+    assert models() == ["student_scratch", "teacher"]
+    log({**teacher, "sha1": "old0"}, *later_rows())  # the stage-0 row is older than 02's teacher
+    files.publish(tmp_path, records=[teacher])
+    assert models() == everything
+    old_teacher = {"stage": "0 teacher", "model": "teacher", "val_correct": "ff"}  # rows from before the SHA-1s
+    old_kd = [{k: v for k, v in r.items() if k != "teacher_sha1"} for r in later_rows()]
+    log(old_teacher, *old_kd)
+    files.publish(tmp_path, records=[teacher])  # the same predictions: the same teacher
+    assert models() == everything
+    log(old_teacher, *old_kd)
+    files.publish(tmp_path, records=[{**teacher, "val_correct": "fe"}])
+    assert models() == ["student_scratch", "teacher"]
+
+    log(teacher, *later_rows(start="student_scratch"))
     files.publish(tmp_path, records=[{"stage": "1 architecture", "model": "student_scratch"}])  # 02 started from it
     assert models() == ["teacher", "student_scratch"]
-    files.publish(tmp_path, records=[{**later_rows()[0], "start": None}, *later_rows()[1:]])
+    log(teacher, *later_rows())
     files.publish(tmp_path, records=[{"stage": "1 architecture", "model": "student_scratch"}])  # 02 did not
     assert models() == ["teacher", "student_kd", "student_pruned", "final", "student_scratch"]
 

@@ -105,6 +105,8 @@ def test_the_round_or_file_is_chosen_on_selection_not_validation(capsys):
     assert common.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round")["params"] == 20
     with pytest.raises(running.UserError, match="every round scored NaN"):
         common.smallest_close([broken, broken], lambda r: r["params"], kd, by_loss, "round")
+    budget = (15, "params")  # none but the broken one fits: the smallest that scored
+    assert common.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round", budget)["params"] == 20
     fewer_rows = [rows[0], {**rows[1], "select": selection_score(8, [1.03] * 10)}]
     assert common.smallest_close(fewer_rows, lambda r: r["params"], kd, by_loss, "file")["params"] == 100
     assert "no file passes" not in capsys.readouterr().err
