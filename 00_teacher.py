@@ -88,7 +88,7 @@ def main():
         print(f"teacher: val acc {val} (the last of {best['epoch']} epochs)")
     size_of = files.new_path(path) if outputs else path
     record = common.model_record("0 teacher", "teacher_resnet18", teacher, size_of, val, cfg.img_size,
-                                 sha1=files.file_sha1(size_of)[:16], **chosen)  # a new teacher drops the rows made with the old one
+                                 sha1=files.teacher_sha1(size_of), **chosen)  # a new teacher drops the rows made with the old one
     files.say_written(files.publish(ckpt_dir, outputs, [record],
                                     finished=[files.new_path(work), Resumable(work, cfg).state]))
 

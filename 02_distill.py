@@ -90,7 +90,7 @@ def main():
     record = common.model_record("2 distillation", "student_kd", student, files.new_path(path), kd_val,
                                  cfg.img_size, select_acc=round(best["select_acc"], 4),
                                  seed=cfg.seed, temperature=cfg.temperature, alpha=cfg.alpha,
-                                 teacher_sha1=files.file_sha1(ckpt_dir / files.TEACHER_FILE)[:16],
+                                 teacher_sha1=files.teacher_sha1(ckpt_dir / files.TEACHER_FILE),
                                  **({} if cfg.from_scratch else {"start": "student_scratch"}))
 
     def table_row(name, val, seen):

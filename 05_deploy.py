@@ -3,14 +3,14 @@ each stage buys.
 
 Exports student_kd, student_pruned and the final file 04 chose to ONNX: fp32, uint8 RGB centre
 crops in (the normalisation inside the graph), the crop and stored size in the file's metadata.
-A quantized file goes in as its b-bit codes (a float16 file as float16), which ONNX Runtime decodes
-into float weights when a session starts (the final model's .onnx file is a sixth of a float one,
-and as fast); a .pt
-checkpoint as float weights, BatchNorm folded into the convolutions. And a static int8 version
-of each (QDQ, per channel, activation ranges calibrated on training images). Checks that ONNX Runtime
-predicts what the decoded PyTorch model predicts on validation, then times every model in
-PyTorch (eager, channels_last) and ONNX Runtime (fp32, int8) on the same pinned threads,
-interleaved: latency at batch 1, throughput at batch 64, as ratios to student_kd in PyTorch.
+A quantized file goes in as its b-bit codes (a float16 file as float16), which ONNX Runtime
+decodes into float weights when a session starts (the final model's .onnx file is a sixth of a
+float one, and as fast); a .pt checkpoint as float weights, BatchNorm folded into the
+convolutions. And a static int8 version of each (QDQ, per channel, activation ranges calibrated
+on training images). Checks that ONNX Runtime predicts what the decoded PyTorch model predicts
+on validation, then times every model in PyTorch (eager, channels_last) and ONNX Runtime (fp32,
+int8) on the same pinned threads, interleaved: latency at batch 1, throughput at batch 64, as
+ratios to student_kd in PyTorch.
 predict.py classifies a folder of images with one .onnx file, without PyTorch.
 
     python 05_deploy.py

@@ -80,8 +80,10 @@ def scratch_started(rows, record):
 def made_stale(rows, record):
     """The stages of the log whose rows `record` leaves stale."""
     stage = stage_of(record)
-    feeds = {"0": teacher_changed, "1": scratch_started}.get(stage, lambda *_: True)(rows, record)
-    return set(stage + (BUILT_ON.get(stage, "") if feeds else ""))
+    feeds_later = {"0": teacher_changed, "1": scratch_started}.get(stage)
+    if feeds_later and not feeds_later(rows, record):
+        return {stage}
+    return set(stage + BUILT_ON.get(stage, ""))
 
 
 def still_valid(rows, records):
@@ -185,6 +187,11 @@ def file_sha1(path):
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     return h.hexdigest()
+
+
+def teacher_sha1(path):
+    """The key by which results-log rows name a teacher file: the start of its SHA-1."""
+    return file_sha1(path)[:16]
 
 
 def file_bytes(path):
