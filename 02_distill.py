@@ -35,7 +35,6 @@ weight_decay = 0.05  # AdamW weight decay
 temperature = 4.0  # softmax temperature T of the distillation term
 alpha = 1.0  # weight of the distillation term (1 - alpha goes to cross-entropy); 1: function matching, the teacher's output only
 sparsity = 0.0  # L1 weight on BatchNorm gammas (network slimming); e.g. 1e-4
-co_teacher = ""  # a student file in ckpt_dir (student_scratch.pt: born-again) whose logits on each view are averaged with the teacher's; "" = none
 teacher_views = 0  # distinct training views (epoch e uses view e mod this); 0 = as many as the epochs
 from_scratch = True  # start the student from random weights, not from student_scratch.pt
 teacher_norm = "none"  # input normalisation of a teacher file without a note: none ([0,1], the course's) or imagenet
@@ -79,8 +78,6 @@ def main():
     augment = common.augment_of(cfg)
     views = min(cfg.teacher_views or cfg.epochs, cfg.epochs)
     asked = common.teacher_for(cfg, ckpt_dir, data, augment, device, range(views), loaded=(teacher, norm))
-    if cfg.co_teacher:
-        asked = with_co_teacher(asked, ckpt_dir / cfg.co_teacher, device, score)
     print(f"distilling for {cfg.epochs} epochs (T={cfg.temperature}, alpha={cfg.alpha}, sparsity={cfg.sparsity})")
     best = common.fit(student, data, common.distill_loss(asked, cfg.temperature, cfg.alpha),
                       epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule, weight_decay=cfg.weight_decay,
@@ -114,25 +111,6 @@ def main():
         row = reports.paired_row("scratch", scratch_val, "distilled", kd_val)
         print(reports.format_table([row], list(row)))
     files.say_written(files.publish(ckpt_dir, [path], [record], finished=[Resumable(path, cfg).state]))
-
-
-def with_co_teacher(asked, path, device, score):
-    """The teacher's logits for a batch averaged with those of a student file (an ensemble of
-    the two: distillation from the teacher and the student's own earlier self, born-again)."""
-    import torch
-    co, co_preprocess = common.load_model(path, "student")[:2]
-    co = common.prepare(co, device).eval().requires_grad_(False)
-    print(f"co-teacher {path.name}: val acc {score(co, co_preprocess)}; its logits averaged with the teacher's")
-
-    class Both:
-        def __call__(self, batch):
-            with torch.no_grad():
-                return (asked(batch).float() + co(common.normalize(batch.x, co_preprocess["norm"])).float()) / 2
-
-        @property
-        def images(self):  # the teacher's forward passes
-            return asked.images
-    return Both()
 
 
 if __name__ == "__main__":
