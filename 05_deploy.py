@@ -51,15 +51,23 @@ cache_dir = "data/cache"  # decoded-image cache; "" turns it off
 
 class Deployed(torch.nn.Module):
     """uint8 N x S x S x 3 RGB crops in, logits out; the model's normalisation inside, so that a
-    runtime needs nothing but the crop. channels_last: the layout PyTorch's fast CPU kernels like."""
+    runtime needs nothing but the crop: the mean taken from the raw values, then one scale
+    (1/255, 1/std), which an exported graph moves into the first convolution's weights
+    (support/deploy.py). channels_last: the layout PyTorch's fast CPU kernels like. Works on a
+    copy of `model`."""
 
     def __init__(self, model, norm, channels_last=False):
         super().__init__()
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.model, self.norm = model.eval().to(memory_format=self.layout), norm
+        self.model = copy.deepcopy(model).eval().to(memory_format=self.layout)
+        imagenet = norm == "imagenet"
+        self.shift = 255 * torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1) if imagenet else None
+        self.scale = 1 / (255 * torch.tensor(common.IMAGENET_STD if imagenet else (1.0,) * 3).view(1, 3, 1, 1))
 
     def forward(self, crops):
-        return self.model(common.normalize(common.to_float(crops).contiguous(memory_format=self.layout), self.norm))
+        x = crops.permute(0, 3, 1, 2).float()
+        x = x if self.shift is None else x - self.shift
+        return self.model((x * self.scale).contiguous(memory_format=self.layout))
 
 
 def calibration_crops(images, count, crop):
@@ -149,7 +157,7 @@ def main():
         sessions = export(name, path, model, preprocess, data, score, cfg, ckpt_dir)
         x1, xb = crops[:1], crops[:cfg.batch_size]
         for channels_last, runtime in ((False, "PyTorch eager"), (True, "PyTorch channels_last")):
-            module = Deployed(copy.deepcopy(model), preprocess["norm"], channels_last)  # a copy: it changes the layout
+            module = Deployed(model, preprocess["norm"], channels_last)
             t1, tb = torch.from_numpy(x1), torch.from_numpy(xb)
             runners[name, runtime] = (lambda m=module, x=t1: m(x), lambda m=module, x=tb: m(x))
             rows.append({"model": name, "runtime": runtime, "file": path, "val": torch_val})
