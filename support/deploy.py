@@ -34,23 +34,29 @@ def onnx_bytes(module, example, metadata=None, by_name=False):
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False,
                           training=mode, keep_initializers_as_inputs=by_name)
     proto = onnx.load_from_string(buf.getvalue())
-    scale_into_conv(proto.graph)
+    scale_into_conv(proto)
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     return proto.SerializeToString()
 
 
-def scale_into_conv(graph):
-    """A per-channel scale of a convolution's input (a Mul by a constant 1 x C x 1 x 1 that only
-    an ungrouped Conv reads) moved into the convolution's weights: conv(x * s, W) = conv(x, W * s)
-    with W's input channels scaled, and the padding's zeros stay zeros. Deployed's normalisation
-    ends in such a Mul, a pass over the full-size input (4% of student_kd's time in ONNX Runtime).
-    Weights held as an initializer are scaled here; weights fed by name (by_name: with_codes may
-    replace them by nodes) get a Mul of their own, which ONNX Runtime folds when a session starts."""
+def scale_into_conv(proto):
+    """A per-channel scale of a convolution's input (a Mul by a constant 1 x C x 1 x 1 of an input
+    that already has C channels, read by one ungrouped Conv and nothing else) moved into the
+    convolution's weights: conv(x * s, W) = conv(x, W * s) with W's input channels scaled, and the
+    padding's zeros stay zeros. Deployed's normalisation ends in such a Mul, one of the passes over
+    the full-size input that each cost 2-4% of student_kd's time in ONNX Runtime. Weights held as
+    an initializer are scaled here; weights fed by name (by_name: with_codes may replace them by
+    nodes) get a Mul of their own, which ONNX Runtime folds when a session starts."""
+    import onnx
     from onnx import helper, numpy_helper
+    graph = proto.graph
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.input, *inferred.value_info]}
     inits = {i.name: i for i in graph.initializer}
     made = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
-    readers = {}
+    readers = {o.name: [o] for o in graph.output}  # a graph output is a reader too
     for n in graph.node:
         for v in n.input:
             readers.setdefault(v, []).append(n)
@@ -61,22 +67,26 @@ def scale_into_conv(graph):
             continue
         scale = numpy_helper.to_array(inits[s] if s in inits else made[s].attribute[0].t)
         conv = readers.get(mul.output[0], [])
-        if (len(conv) != 1 or conv[0].op_type != "Conv" or list(conv[0].input[:1]) != [mul.output[0]] or scale.ndim != 4
-                or scale.shape[:1] + scale.shape[2:] != (1, 1, 1) or any(a.name == "group" and a.i != 1 for a in conv[0].attribute)):
+        if (len(conv) != 1 or getattr(conv[0], "op_type", None) != "Conv" or list(conv[0].input[:1]) != [mul.output[0]]
+                or scale.ndim != 4 or scale.shape[:1] + scale.shape[2:] != (1, 1, 1)
+                or len(shapes.get(x, [])) != 4 or shapes[x][1] != scale.shape[1]
+                or any(a.name == "group" and a.i != 1 for a in conv[0].attribute)):
             continue
         conv, w = conv[0], conv[0].input[1]
         conv.input[0] = x
         graph.node.remove(mul)
         if w in inits and w not in fed and len(readers[w]) == 1:
-            inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) * scale.astype(np.float32), w))
+            weight = numpy_helper.to_array(inits[w])
+            inits[w].CopyFrom(numpy_helper.from_array(weight * scale.astype(weight.dtype), w))
             if len(readers[s]) == 1:  # nothing else reads the scale
                 if s in made:
                     graph.node.remove(made[s])
                 else:
                     graph.initializer.remove(inits[s])
         else:
-            graph.node.insert(list(graph.node).index(conv), helper.make_node("Mul", [w, s], [f"{w}.scaled"]))
-            conv.input[1] = f"{w}.scaled"
+            scaled = f"{mul.output[0]}.weight"  # the Mul's own output name is free now, and unique
+            graph.node.insert(list(graph.node).index(conv), helper.make_node("Mul", [w, s], [scaled]))
+            conv.input[1] = scaled
 
 
 def with_codes(blob, codes):
