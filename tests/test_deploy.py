@@ -165,7 +165,7 @@ def test_the_deployed_module_is_the_model_on_uint8_crops(norm):
         assert (expected.max(0).values - expected.min(0).values).max() > 1e-2  # the logits depend on the crop
         for channels_last in (False, True):
             assert torch.allclose(deploy_script.Deployed(model, norm, channels_last)(crops), expected, atol=1e-5)
-        assert type(model.cnn[0][0]) is torch.nn.Conv2d and torch.equal(model(common.normalize(common.to_float(crops), norm)), expected)
+    assert all(p.is_contiguous() for p in model.parameters())  # Deployed changed a copy's layout, not the model's
 
 
 @pytest.mark.parametrize("norm, before", [("imagenet", ["Transpose", "Cast", "Sub"]), ("none", ["Transpose", "Cast"])])
