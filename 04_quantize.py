@@ -68,17 +68,19 @@ resume = False  # continue an interrupted QAT; finished ones are reused
 # The method: min-max codes, the layouts, and fake quantization for QAT
 # ============================================================================================
 
-def minmax_quantize(x, bits, per_channel, range_dtype=torch.float32):
+def minmax_quantize(x, bits, per_channel, range_dtype=torch.float32, compute=torch.float64):
     """Min-max quantization: code = round((x - min) / (max - min) * (2^bits - 1)), with min and
     max per tensor (one row) or per output channel (one row each), as the file stores them
-    (range_dtype); (codes as float64, lo, hi). The one place the codes are made: files and
-    fake quantization both use it, so a decoded file computes exactly what QAT evaluated."""
-    rows = x.detach().double().reshape(x.shape[0] if per_channel else 1, -1)
+    (range_dtype); (codes, lo, hi), the codes in `compute`'s precision. The one place the codes
+    are made: files (in float64, on the CPU) and fake quantization (in float32 on the device while
+    training, and as the file in evaluation) use it, so a decoded file computes exactly what QAT
+    evaluated."""
+    rows = x.detach().to(compute).reshape(x.shape[0] if per_channel else 1, -1)
     lo, hi = rows.min(1).values.to(range_dtype), rows.max(1).values.to(range_dtype)
-    lo64, hi64 = lo.double()[:, None], hi.double()[:, None]
-    span = torch.where(hi64 > lo64, hi64 - lo64, torch.ones_like(lo64))  # a constant row codes as 0
+    lo_c, hi_c = lo.to(compute)[:, None], hi.to(compute)[:, None]
+    span = torch.where(hi_c > lo_c, hi_c - lo_c, torch.ones_like(lo_c))  # a constant row codes as 0
     levels = 2 ** bits - 1
-    return torch.round((rows - lo64) / span * levels).clamp_(0, levels), lo, hi
+    return torch.round((rows - lo_c) / span * levels).clamp_(0, levels), lo, hi
 
 
 VARIANT_PATTERN, VARIANTS = r"fp16|q[1-8]c?|mix[1-8]", "fp16, qN, qNc or mixN (N = 1..8)"
@@ -109,27 +111,40 @@ def encode(state_dict, variant):
 class FakeQuant(common.StudentNet):
     """A StudentNet whose forward sees its tensors as `variant`'s file will store them (the
     same min-max codes, by minmax_quantize); a straight-through estimator hands each weight
-    the gradient of its quantized value. In eval mode the BatchNorm statistics are quantized
-    too, so its logits are the decoded file's. Its state_dict is a plain StudentNet's."""
+    the gradient of its quantized value. Training computes the codes in float32 on the device
+    (no float64 there: Apple GPUs have none, and nothing that waits for the host); in eval mode
+    the weights and BatchNorm statistics are the decoded file's, made once on the CPU, so its
+    logits are the file's. Its state_dict is a plain StudentNet's."""
 
     def __init__(self, model, variant):
         super().__init__(widths=model.widths, num_classes=model.fc[0].out_features)
         self.load_state_dict(model.state_dict())
+        self.variant, self.as_file = variant, None
         self.bits, self.per_channel, self.plan = layout_of(variant, self.state_dict())
+        self.range_dtype = qfile.ranges_dtype(self.state_dict().values(), self.per_channel)  # decided once
 
-    def quantized(self, name, t, range_dtype):
+    def train(self, mode=True):
+        self.as_file = None  # the weights may change from here on: eval mode decodes them anew
+        return super().train(mode)
+
+    def quantized(self, name, t):
         bits = (self.plan or {}).get(name, self.bits)
-        per_channel = self.per_channel and t.ndim >= 2
-        on = t.device if t.device.type != "mps" else torch.device("cpu")  # float64 arithmetic: not on MPS
-        q, lo, hi = minmax_quantize(t.to(on), bits, per_channel, range_dtype)
-        return qfile.dequantize(q, lo, hi, bits, t.shape, t.dtype).to(t.device)
+        q, lo, hi = minmax_quantize(t, bits, self.per_channel and t.ndim >= 2, self.range_dtype, torch.float32)
+        return qfile.dequantize(q, lo, hi, bits, t.shape, t.dtype, torch.float32)
+
+    def file_state(self):
+        """Every tensor as the file decodes it, on the model's device (made once per eval)."""
+        if self.as_file is None:
+            device = next(self.parameters()).device
+            decoded = qfile.decode(encode(common.cpu_state_dict(self), self.variant))
+            self.as_file = {n: t.to(device) for n, t in decoded.items()}
+        return self.as_file
 
     def forward(self, x):
-        range_dtype = qfile.ranges_dtype(self.state_dict().values(), self.per_channel)
-        state = {n: p + (self.quantized(n, p, range_dtype) - p).detach() for n, p in self.named_parameters()}
-        if not self.training:
-            state.update({n: self.quantized(n, b, range_dtype) for n, b in self.named_buffers()
-                          if b.is_floating_point()})
+        if self.training:
+            state = {n: p + (self.quantized(n, p) - p).detach() for n, p in self.named_parameters()}
+        else:
+            state = self.file_state()
 
         def part(prefix):
             return {n.removeprefix(prefix): v for n, v in state.items() if n.startswith(prefix)}

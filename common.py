@@ -10,6 +10,7 @@ quiet_start()  # Ctrl-C while the heavy modules below load is a clean exit
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import inspect
 import math
 import time
@@ -24,13 +25,15 @@ from tqdm import tqdm
 
 from support import files, qfile
 from support.bank import TeacherBank
-from support.images import NATIVE, Split, class_names, load_split, make_sample, names_key, storage, training_key
+from support.images import (NATIVE, Split, canvas_origin, class_names, load_split, make_sample, names_key,
+                            native_crop_ranges, storage, training_key)
 from support.reports import score_fields
 from support.resume import restore, weights_key
 from support.settings import check_selection, resize_of
 from support.running import Interrupted, UserError, interrupts_as_keyboard_interrupt, warn
 from support.stats import Score
-from support.views import LIBRARIES, Augment, crop_flip, jitter_batch, mix_batch, rotate_batch, seed_of, seeded, to_float
+from support.views import (LIBRARIES, Augment, constant, crop_flip, draws_on, exact_mean, jitter_batch, mix_batch,
+                           rotate_batch, seed_of, seeded, to_float)
 
 interrupts_as_keyboard_interrupt()
 
@@ -157,8 +160,8 @@ def augment_of(cfg):
 
 def normalize(x, norm):
     if norm == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        mean = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)
+        std = constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
         return (x - mean) / std
     return x
 
@@ -166,7 +169,7 @@ def normalize(x, norm):
 class Batch(NamedTuple):
     x: torch.Tensor    # augmented floats in [0, 1], N x 3 x H x W
     y: torch.Tensor    # labels
-    idx: torch.Tensor  # the images' indices in the training split (CPU)
+    idx: torch.Tensor  # the images' indices in the training split (on the images' device)
     view: int          # which view of them x is
     mix: tuple = None  # mixed views: (the partners' labels, each image's own share); None: unmixed
 
@@ -178,15 +181,19 @@ class Batch(NamedTuple):
 def train_batches(images, labels, batch_size, aug, epoch, view, ranges=None):
     """Epoch `epoch`'s shuffled batches of view `view`; the last partial batch is dropped.
     The order is drawn from (seed, epoch), the view from (seed, view); `ranges`: a native-scale
-    split's crop ranges (Split.crop_ranges)."""
+    split's crop ranges (Split.crop_ranges). Both go to the images' device here, once, so that
+    making a batch copies nothing from the host."""
     n = len(labels)
-    draws = aug.draws(view, n, images.shape[1], ranges)
-    order = torch.randperm(n, generator=seeded(aug.seed, "order", epoch))
+    draws = draws_on(aug.draws(view, n, images.shape[1], ranges), images.device)
+    order = torch.randperm(n, generator=seeded(aug.seed, "order", epoch)).to(images.device)
     batch_size = min(batch_size, n)
-    for i in range(0, n - batch_size + 1, batch_size):
-        idx = order[i:i + batch_size]
-        y, mix = aug.labels_of(labels, idx, draws)
-        yield Batch(aug.apply(images, idx, draws), y, idx, view, mix)
+
+    def batches():
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            y, mix = aug.labels_of(labels, idx, draws)
+            yield Batch(aug.apply(images, idx, draws), y, idx, view, mix)
+    return batches()
 
 
 def eval_batches(images, labels, batch_size, crop):
@@ -418,10 +425,14 @@ class InlineTeacher:
 
 
 def view_code_key():
-    """A key of the code that makes a view's pixels (the draws, the crop, flip, rotation, jitter
-    and the teacher's normalisation): a bank built by other code is never served."""
-    parts = (seed_of, seeded, Augment, crop_flip, to_float, mix_batch, rotate_batch, jitter_batch, normalize)
-    return hashlib.sha1("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
+    """A key of the code that makes a view's pixels and the teacher's answer to them (the draws,
+    the native-scale crop ranges, the crop, flip, rotation, jitter, the teacher's normalisation,
+    and torchvision's version, whose code the teacher is): a bank built by other code is never
+    served."""
+    parts = (seed_of, seeded, Augment, native_crop_ranges, canvas_origin, crop_flip, to_float, mix_batch,
+             rotate_batch, jitter_batch, exact_mean, normalize)
+    code = "".join(inspect.getsource(p) for p in parts) + f"torchvision {importlib.metadata.version('torchvision')}"
+    return hashlib.sha1(code.encode()).hexdigest()[:16]
 
 
 def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
@@ -448,7 +459,7 @@ def teacher_for(cfg, ckpt_dir, data, aug, device, views, loaded=None):
         ranges = train.crop_ranges(aug.crop)  # once: at native scale a loop over every image
 
         def ask_view(v):
-            draws = aug.draws(v, len(train.labels), images.shape[1], ranges)
+            draws = draws_on(aug.draws(v, len(train.labels), images.shape[1], ranges), device)
 
             def ask(idx):
                 with torch.inference_mode(), autocast(device):
@@ -522,29 +533,38 @@ def epoch_metrics(select_acc=0.0, select_loss=0.0, epoch=1, views=1):
 
 
 def train_epoch(model, batches, steps, opt, sched, loss_fn, sparsity, norm, epoch, lr):
-    """One pass over the batches: forward, loss, backward, step. (mean loss, accuracy, seconds, img/s)"""
+    """One pass over the batches (mean loss, accuracy, seconds, img/s). The sums and the first
+    non-finite step stay on the device and are read once, at the end of the epoch, which a
+    non-finite loss then stops: no step waits for the device."""
     model.train()
     t0 = time.perf_counter()
-    seen = correct = 0
-    total = 0.0
+    seen, sums, first_bad = 0, 0, -1
     for step, batch in enumerate(tqdm(batches, total=steps, leave=False, desc=f"epoch {epoch + 1}", disable=None)):
-        with autocast(batch.x.device):
-            logits = model(normalize(batch.x, norm))
-        loss = loss_fn(logits, batch)
-        if sparsity:
-            loss = loss + sparsity * bn_l1(model)
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
-                            f"the best checkpoint is untouched; try a lower --lr (now {lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss, correct = train_step(model, batch, opt, sched, loss_fn, sparsity, norm)
         seen += len(batch.y)
-        total += loss.item() * len(batch.y)
-        correct += (logits.argmax(1) == batch.main_labels()).sum().item()
+        sums = sums + torch.stack([loss * len(batch.y), correct])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+    total, correct = sums.tolist() if seen else (0.0, 0.0)
+    first_bad = int(first_bad)
+    if first_bad >= 0:
+        raise UserError(f"the loss became non-finite in epoch {epoch + 1}, step {first_bad + 1}; "
+                        f"the best checkpoint is untouched; try a lower --lr (now {lr})")
     seconds = time.perf_counter() - t0
     return total / seen, correct / seen, seconds, seen / seconds
+
+
+def train_step(model, batch, opt, sched, loss_fn, sparsity, norm):
+    """Forward, loss, backward, step: (the loss, the number of views classified right), on the device."""
+    with autocast(batch.x.device):
+        logits = model(normalize(batch.x, norm))
+    loss = loss_fn(logits, batch)
+    if sparsity:
+        loss = loss + sparsity * bn_l1(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach().float(), (logits.argmax(1) == batch.main_labels()).sum().float()
 
 
 def seed_everything(seed):

@@ -78,10 +78,11 @@ def json_of(array):
     return json.loads(array.tobytes().decode())
 
 
-def dequantize(q, lo, hi, bits, shape, dtype=torch.float32):
-    """The values codes q (rows x n, float64) stand for: q / (2^bits - 1) * (hi - lo) + lo."""
-    lo64, hi64 = lo.double()[:, None], hi.double()[:, None]
-    return (q / (2 ** bits - 1) * (hi64 - lo64) + lo64).to(dtype).reshape(shape)
+def dequantize(q, lo, hi, bits, shape, dtype=torch.float32, compute=torch.float64):
+    """The values codes q (rows x n) stand for: q / (2^bits - 1) * (hi - lo) + lo, computed in
+    `compute` (a file: float64; fake quantization on a device: float32)."""
+    lo_c, hi_c = lo.to(compute)[:, None], hi.to(compute)[:, None]
+    return (q.to(compute) / (2 ** bits - 1) * (hi_c - lo_c) + lo_c).to(dtype).reshape(shape)
 
 
 DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}

@@ -3,6 +3,7 @@
 batch at once on uint8 tensors, so that any view can be rebuilt bit for bit without storing
 pixels: the teacher bank's logits and the student's pixels are of the same picture."""
 import dataclasses
+import functools
 import hashlib
 import math
 
@@ -24,6 +25,20 @@ def seed_of(*parts):
 def seeded(*parts):
     """A torch generator seeded from its parts alone."""
     return torch.Generator().manual_seed(seed_of(*parts))
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values, device):
+    """A small constant tensor on the device, made once: a tensor built from Python numbers on
+    every batch is a copy from the host, which a GPU waits for. (A normal tensor even when first
+    asked for under inference_mode, so that autograd may use it later.)"""
+    with torch.inference_mode(False):
+        return torch.tensor(values, device=device)
+
+
+def draws_on(draws, device):
+    """A view's draws on the images' device, moved once per epoch (not once per batch)."""
+    return {k: v.to(device) for k, v in draws.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +84,7 @@ class Augment:
             hi = np.clip(np.round(centre + half), 0, self.crop).astype(np.int64)
             box = np.concatenate([lo, hi - lo])
             share = 1 - box[2] * box[3] / self.crop ** 2
-        return {"partner": torch.from_numpy(partner), "share": torch.from_numpy(share).float(),
+        return {"partner": torch.from_numpy(partner), "share": torch.from_numpy(share.astype(np.float32)),
                 "box": torch.from_numpy(box)}
 
     def apply(self, images, idx, draws):
@@ -99,11 +114,11 @@ class Augment:
 
 def crop_flip(images, idx, crop, off, flip):
     """Per-image crop at offsets off (2 x n) and horizontal flip of images[idx], by one gather."""
-    ar = torch.arange(crop)
-    rows = off[0, :, None] + ar
-    cols = off[1, :, None] + torch.where(flip[:, None], crop - 1 - ar, ar)
     dev = images.device
-    return images[idx.to(dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+    ar = torch.arange(crop, device=dev)
+    rows = off[0, :, None].to(dev) + ar
+    cols = off[1, :, None].to(dev) + torch.where(flip[:, None].to(dev), crop - 1 - ar, ar)
+    return images[idx.to(dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def to_float(batch_nhwc):
@@ -125,10 +140,10 @@ def mix_batch(x, partner_x, mix, share, box):
 
 def rotate_batch(x, angle):
     """Rotate each image by its angle (radians) about its centre."""
-    n = x.shape[0]
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
+    angle = angle.to(x.device)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Reflected, not black, corners: on black-cornered images the teacher's soft labels taught
     # the student less in our food101-10 runs.
     return F.grid_sample(x.contiguous(), grid, padding_mode="reflection", align_corners=False)
@@ -141,8 +156,22 @@ def jitter_batch(x, factors):
     folded together they are one pass: A*x + B*grey(x) + C with per-image A, B, C.
     """
     b, c, s = factors.view(3, -1, 1, 1, 1).to(x.device)
-    # Summed in float64: a float32 sum's order (so its last bit) depends on how many images share
-    # the batch, and a view must come out the same in any batch (the teacher bank relies on it).
-    mean = (x.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / x[0].numel()).float() * b
-    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    mean = exact_mean(x) * b
+    grey = (x * constant((0.299, 0.587, 0.114), x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     return torch.addcmul(mean * (1 - c), x, s * b * c).add_(grey.mul_((1 - s) * b * c)).clamp_(0, 1)
+
+
+def exact_mean(x):
+    """Each image's mean (N x 1 x 1 x 1) of values in [0, 1], the same in any batch on any device.
+
+    A float32 sum's order, so its last bit, depends on how many images share the batch, and a
+    view must come out the same in any batch (the teacher bank relies on it); float64, which
+    would hide that, does not exist on Apple GPUs. So each value is rounded to a multiple of
+    2^-k, with k chosen so that an image's sum stays below 2^24: every partial sum is then an
+    integer float32 holds exactly, and any order adds up to the same number. (The mean is off
+    by at most 2^-(k+1), k = 6 at 224 px: a contrast jitter cannot show it.)"""
+    k = math.floor(24 - math.log2(x[0].numel()))
+    if k < 0:
+        raise ValueError(f"images of {x[0].numel()} values are too large for an exact float32 mean")
+    units = x.mul(2.0 ** k).round_()
+    return units.sum(dim=(1, 2, 3), keepdim=True).div_(x[0].numel() * 2.0 ** k)

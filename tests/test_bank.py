@@ -10,7 +10,7 @@ import torchvision
 
 import common
 from support import files, running, settings
-from support.images import load_split
+from support.images import load_split, native_crop_ranges
 from support.bank import TeacherBank
 from conftest import run_script
 
@@ -194,7 +194,7 @@ def test_later_stages_distil_with_the_teacher_settings_student_kd_records():
 
 def test_a_view_is_the_same_in_a_batch_of_one_at_real_size():
     """At real sizes a float32 sum over one image runs in parallel when it is the batch's only
-    image; the jitter's mean is summed in float64 so the view still comes out the same."""
+    image; the jitter's mean is exact (common.exact_mean) so the view still comes out the same."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -238,3 +238,22 @@ def test_the_pixels_key_survives_the_cache_and_new_file_times(sample_root, tmp_p
     assert load_split(root, "training", 18, cache_dir=tmp_path / "cache").key == plain.key
     (root / "training" / "3_1.jpg").write_bytes((root / "training" / "3_0.jpg").read_bytes())
     assert load_split(root, "training", 18, cache_dir=tmp_path / "cache").key != plain.key
+
+
+def test_the_view_code_key_covers_the_native_crop_ranges_and_the_teachers_code(monkeypatch):
+    """The crop offsets at native scale and torchvision's version (the teacher's code) change the
+    logits a bank holds: either changed, another bank."""
+    import importlib.metadata
+    key = common.view_code_key()
+
+    def other_ranges(shapes, size, crop):  # the same signature, other offsets
+        return native_crop_ranges(shapes, size, crop + 1)
+    monkeypatch.setattr(common, "native_crop_ranges", other_ranges)
+    assert common.view_code_key() != key
+    monkeypatch.undo()
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "torchvision" else version(name))
+    assert common.view_code_key() != key
+    monkeypatch.undo()
+    assert common.view_code_key() == key
