@@ -257,7 +257,7 @@ def build_model(arch):
         return StudentNet(widths=arch["widths"], num_classes=arch["num_classes"])
     if arch["kind"] == "resnet18":
         return make_teacher(arch["num_classes"])
-    raise UserError(f"unknown model kind {arch['kind']!r}")
+    raise ValueError(f"unknown model kind {arch['kind']!r}")
 
 
 def arch_from_state_dict(sd):
@@ -328,12 +328,15 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
         sd = arch = None
     if arch is None:
         raise UserError(f"{path}: not a StudentNet or ResNet18 checkpoint")
+    try:
+        model = build_model(arch)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
     wanted = {"kind": expect, "num_classes": num_classes}
     if any(v is not None and arch.get(k) != v for k, v in wanted.items()):
         want = describe({"kind": expect or arch["kind"], "num_classes": num_classes or arch["num_classes"],
                          "widths": arch.get("widths")})
         raise UserError(f"{path}: holds {describe(arch)}, but {want} is needed here")
-    model = build_model(arch)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

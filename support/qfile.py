@@ -114,8 +114,11 @@ def check_description(meta, arrays):
         need["q"] = math.ceil(need["q"] * bits / 8)
     need["hi"] = need["lo"]
     for name, count in need.items():
-        have = len(arrays[name]) if name in arrays else 0
-        if have != count or (name in arrays and arrays[name].ndim != 1):
+        if name in arrays and arrays[name].ndim != 1:
+            raise ValueError(f"array {name!r} is {arrays[name].ndim}-D (shape {arrays[name].shape}); "
+                             "a 1-D array is needed")
+        have = arrays[name].size if name in arrays else 0
+        if have != count:
             raise ValueError(f"array {name!r} holds {have} values where its description needs {count}")
     if need["lo"] and not (np.isfinite(arrays["lo"]).all() and np.isfinite(arrays["hi"]).all()
                            and (arrays["hi"] >= arrays["lo"]).all()):

@@ -265,10 +265,14 @@ MIXED_3 = lambda sd: quant.layout_of("mix3", sd)  # noqa: E731
     (PER_TENSOR_4, lambda m, a: a["hi"].__setitem__(0, a["lo"][0] - 1), "max is below its min"),
     (lambda sd: (16, False, None), lambda m, a: a["f16"].__setitem__(0, np.inf), "not finite"),
     (PER_TENSOR_4, lambda m, a: m.pop("arch"), "names no model"),
+    (PER_TENSOR_4, lambda m, a: m["arch"].update(kind="vgg"), "unknown model kind 'vgg'"),
+    (PER_TENSOR_4, lambda m, a: a.update(lo=a["lo"].reshape(-1, 1)), "array 'lo' is 2-D (shape (64, 1)); a 1-D"),
 ])
 def test_a_crafted_file_is_a_one_line_error_never_a_nan_model(tmp_path, layout, craft, message):
-    with pytest.raises(running.UserError, match=f"not a quantized model file .*{re.escape(message)}"):
-        common.load_model(crafted(tmp_path, layout, craft))
+    path = crafted(tmp_path, layout, craft)
+    names_the_file = f"^{re.escape(str(path))}: not a quantized model file "
+    with pytest.raises(running.UserError, match=f"{names_the_file}.*{re.escape(message)}"):
+        common.load_model(path)
 
 
 @pytest.mark.parametrize("variant", ["q4c", "q3c", "q3", "q2c"])
