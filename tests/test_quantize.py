@@ -2,6 +2,7 @@ import copy
 import hashlib
 import re
 import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -144,6 +145,28 @@ def test_a_damaged_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 nonsense")
     with pytest.raises(running.UserError, match="not a quantized model file"):
         common.load_model(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("damage", ["empty", "damaged codes", "a list for a description"])
+@pytest.mark.parametrize("read", [common.load_model, qfile.read_held], ids=["load_model", "read_held"])
+def test_a_damaged_file_is_one_line_whichever_reads_it(tmp_path, damage, read):
+    path = tmp_path / "m.npz"
+    model = common.StudentNet(widths=[3, 4, 5, 6, 7, 8, 9, 10], num_classes=4)
+    qfile.save_quantized(path, encode(common.cpu_state_dict(model), 4), common.arch_of(model),
+                         {"norm": "imagenet"}, compressed=True)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "damaged codes":
+        blob = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as z:
+            at = z.getinfo("q.npy").header_offset
+        name, extra = (int.from_bytes(blob[at + i:at + i + 2], "little") for i in (26, 28))  # its local header's
+        blob[at + 30 + name + extra] = 0xFF  # a deflate block of type 3, which none is: zlib's error, not zipfile's
+        path.write_bytes(bytes(blob))
+    else:
+        np.savez(path, meta=qfile.json_array([1, 2]))
+    with pytest.raises(running.UserError, match=f"^{re.escape(str(path))}: not a quantized model file"):
+        read(path)
 
 
 def test_a_bad_variant_is_a_one_line_error():
