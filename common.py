@@ -316,7 +316,11 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     says how they were trained)."""
     if Path(str(path).removesuffix(".new")).suffix == ".npz":
         model, meta = qfile.read_quantized(path, build_model)
-        return model, {"norm": STUDENT_NORM, **meta.get("preprocess", {})}, {}
+        preprocess = {"norm": STUDENT_NORM, **meta.get("preprocess", {})}
+        if not logits_finite(model, preprocess.get("img_size") or 32):  # any size: both models pool adaptively
+            raise UserError(f"{path}: not a quantized model file (the model it decodes to gives logits that "
+                            "are not finite)")
+        return model, preprocess, {}
     obj = files.torch_load(path, made_by)
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
         sd, arch = obj["state_dict"], obj["arch"]
@@ -343,6 +347,16 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
         raise UserError(f"{path}: weights do not fit {describe(arch)} "
                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return model, preprocess, metrics
+
+
+@torch.no_grad()
+def logits_finite(model, img_size):
+    """Whether the model's logits on one blank image are finite numbers: a file whose ranges are
+    finite but huge decodes to weights that overflow, or to a negative BatchNorm variance."""
+    training = model.training
+    finite = bool(model.eval()(torch.zeros(1, 3, img_size, img_size)).isfinite().all())
+    model.train(training)
+    return finite
 
 
 def load_teacher(ckpt_dir, num_classes, teacher_norm):
