@@ -264,7 +264,7 @@ def build_model(arch):
         return StudentNet(widths=arch["widths"], num_classes=arch["num_classes"])
     if arch["kind"] == "resnet18":
         return make_teacher(arch["num_classes"])
-    raise UserError(f"unknown model kind {arch['kind']!r}")
+    raise ValueError(f"unknown model kind {arch['kind']!r}")
 
 
 def arch_from_state_dict(sd):
@@ -323,7 +323,11 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     says how they were trained)."""
     if Path(str(path).removesuffix(".new")).suffix == ".npz":
         model, meta = qfile.read_quantized(path, build_model)
-        return model, {"norm": STUDENT_NORM, **meta.get("preprocess", {})}, {}
+        preprocess = {"norm": STUDENT_NORM, **meta.get("preprocess", {})}
+        if not logits_finite(model, preprocess.get("img_size") or 32):  # any size: both models pool adaptively
+            raise UserError(f"{path}: not a quantized model file (the model it decodes to gives logits that "
+                            "are not finite)")
+        return model, preprocess, {}
     obj = files.torch_load(path, made_by)
     if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
         sd, arch = obj["state_dict"], obj["arch"]
@@ -335,18 +339,31 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
         sd = arch = None
     if arch is None:
         raise UserError(f"{path}: not a StudentNet or ResNet18 checkpoint")
+    try:
+        model = build_model(arch)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
     wanted = {"kind": expect, "num_classes": num_classes}
     if any(v is not None and arch.get(k) != v for k, v in wanted.items()):
         want = describe({"kind": expect or arch["kind"], "num_classes": num_classes or arch["num_classes"],
                          "widths": arch.get("widths")})
         raise UserError(f"{path}: holds {describe(arch)}, but {want} is needed here")
-    model = build_model(arch)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit {describe(arch)} "
                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return model, preprocess, metrics
+
+
+@torch.no_grad()
+def logits_finite(model, img_size):
+    """Whether the model's logits on one blank image are finite numbers: a file whose ranges are
+    finite but huge decodes to weights that overflow, or to a negative BatchNorm variance."""
+    training = model.training
+    finite = bool(model.eval()(torch.zeros(1, 3, img_size, img_size)).isfinite().all())
+    model.train(training)
+    return finite
 
 
 def load_teacher(ckpt_dir, num_classes, teacher_norm):
@@ -648,30 +665,50 @@ def rule_text(cfg, limit=(0, "")):
 def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
     """The smallest of `rows` (by size(row)) whose selection Score row["select"] is close to
     student_kd's there (`reference`, the same images): a mean cross-entropy at most
-    (1 + max_loss_rise) times its (choose_by=loss), or an accuracy at most max_acc_drop below
-    (acc); where none is, the best there, with a warning. A row that scored NaN is left out (all
-    of them: an error). A budget, limit = (amount, unit), leaves out the rows larger than amount
-    (0: no budget); where all are, the smallest, with a warning. On a few hundred images the loss
-    is about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
+    (1 + max_loss_rise) times its (choose_by=loss), or at most max_acc_drop of the images fewer
+    right (acc); where none is, the best there, with a warning. A row that scored NaN is left out
+    (all of them: an error). A budget, limit = (amount, unit), leaves out the rows larger than
+    amount (0: no budget); where all are, the smallest, with a warning. On a few hundred images
+    the loss is about twice as steady as the accuracy: each image adds how sure the model was,
+    not one bit."""
+    by_loss = cfg.choose_by == "loss"
+    if by_loss and not math.isfinite(reference.loss):
+        raise UserError(f"student_kd's selection loss is not finite ({reference.loss}), so no {what} can be "
+                        "compared with it: distill it again (02_distill.py), or choose with --choose_by=acc")
+
     def better(row):  # higher is better
-        value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
+        value = -row["select"].loss if by_loss else row["select"].acc
         return value if value == value else -math.inf
-    rows = [r for r in rows if better(r) > -math.inf]  # a model that scored NaN is never chosen
-    if not rows:
+
+    def close(row):
+        if by_loss:
+            return row["select"].loss <= reference.loss * (1 + cfg.max_loss_rise)
+        return row["select"].correct.sum() >= reference.correct.sum() - images_within(cfg.max_acc_drop, reference.n)
+    scored = [r for r in rows if better(r) > -math.inf]  # a model that scored NaN is never chosen
+    if not scored:
         raise UserError(f"every {what} scored NaN on the selection split (a diverged model?): none to choose")
     if limit[0]:
-        within = [r for r in rows if size(r) <= limit[0]]
+        within = [r for r in scored if size(r) <= limit[0]]
         if not within:
-            smallest = min(rows, key=size)
-            warn(f"no {what} has at most {limit[0]:,} {limit[1]}; keeping the smallest ({size(smallest):,} {limit[1]})")
+            smallest, budget = min(scored, key=size), f"{limit[0]:,} {limit[1]}"
+            if any(size(r) <= limit[0] for r in rows):
+                warn(f"no {what} of at most {budget} scored a number on the selection split (those that fit "
+                     f"scored NaN); keeping the smallest that did ({size(smallest):,} {limit[1]})")
+            else:
+                warn(f"no {what} has at most {budget}; keeping the smallest ({size(smallest):,} {limit[1]})")
             return smallest
-        rows = within
-    bar = -reference.loss * (1 + cfg.max_loss_rise) if cfg.choose_by == "loss" else reference.acc - cfg.max_acc_drop
-    fits = [r for r in rows if better(r) >= bar]
+        scored = within
+    fits = [r for r in scored if close(r)]
     if fits:
         return min(fits, key=lambda r: (size(r), -better(r)))
     warn(f"no {what} passes the rule ({rule_text(cfg, limit)}); keeping the best one there")
-    return max(rows, key=better)
+    return max(scored, key=better)
+
+
+def images_within(max_acc_drop, n):
+    """How many of n images max_acc_drop allows fewer right: a drop of exactly max_acc_drop passes
+    (in floats 0.07 - 0.01 is 0.06000000000000001; the product rounded to 9 places is the decimal one)."""
+    return math.floor(round(max_acc_drop * n, 9))
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

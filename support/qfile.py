@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -91,12 +92,16 @@ DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16"
 def check_description(meta, arrays):
     """Every field of a file's description, and the arrays' lengths it implies, checked before
     decoding: a crafted or damaged file is an error, never a model of NaNs. Raises ValueError."""
+    if not isinstance(meta, dict):
+        raise ValueError("its description is not a JSON object")
     bits, per_channel, specs = meta.get("bits"), meta.get("per_channel"), meta.get("tensors")
     if bits not in ("mixed", 16, *range(1, 9)) or type(bits) is bool or not isinstance(per_channel, bool) \
             or not isinstance(specs, list):
         raise ValueError(f"its description has bits={bits!r}, per_channel={per_channel!r}")
     need = {"ints": 0, "f16": 0, "q": 0, "lo": 0}
     for s in specs:
+        if not isinstance(s, dict):
+            raise ValueError(f"a tensor is described as {s!r}")
         shape, store = s.get("shape"), s.get("store")
         if not isinstance(s.get("name"), str) or not isinstance(shape, list) \
                 or not all(type(d) is int and d >= 0 for d in shape) or s.get("dtype") not in DTYPES \
@@ -115,8 +120,11 @@ def check_description(meta, arrays):
         need["q"] = math.ceil(need["q"] * bits / 8)
     need["hi"] = need["lo"]
     for name, count in need.items():
-        have = len(arrays[name]) if name in arrays else 0
-        if have != count or (name in arrays and arrays[name].ndim != 1):
+        if name in arrays and arrays[name].ndim != 1:
+            raise ValueError(f"array {name!r} is {arrays[name].ndim}-D (shape {arrays[name].shape}); "
+                             "a 1-D array is needed")
+        have = arrays[name].size if name in arrays else 0
+        if have != count:
             raise ValueError(f"array {name!r} holds {have} values where its description needs {count}")
     if need["lo"] and not (np.isfinite(arrays["lo"]).all() and np.isfinite(arrays["hi"]).all()
                            and (arrays["hi"] >= arrays["lo"]).all()):
@@ -233,6 +241,12 @@ def load_arrays(path):
         return {k: z[k] for k in z.files}
 
 
+# What reading a damaged or crafted file can raise: numpy's and zipfile's errors (an empty file is
+# an EOFError, a flipped byte in a compressed one a zlib.error), and the model's on odd values.
+DAMAGED = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError,
+           RuntimeError, zipfile.BadZipFile, zlib.error)
+
+
 @contextlib.contextmanager
 def read_errors(path):
     """A missing or damaged file as one line."""
@@ -240,5 +254,6 @@ def read_errors(path):
         yield
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run 04_quantize.py first") from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a quantized model file ({str(e).splitlines()[0][:100]})") from None
+    except DAMAGED as e:
+        said = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a quantized model file ({said})") from None

@@ -1,7 +1,10 @@
+import re
+
+import pytest
 import torch
 
 import common
-from support import images
+from support import images, running
 
 
 def test_course_student_has_256779_parameters_and_its_names():
@@ -47,6 +50,15 @@ def test_checkpoint_round_trip_keeps_arch_and_preprocessing(tmp_path):
     assert preprocess["img_size"] == 32 and metrics["val_acc"] == 0.5
     for k, v in student.state_dict().items():
         assert torch.equal(v, model.state_dict()[k])
+
+
+def test_a_checkpoint_of_an_unknown_kind_names_its_file(tmp_path):
+    student = common.StudentNet(widths=[3, 4, 5, 6, 7, 8, 9, 10], num_classes=4)
+    blob = common.checkpoint(student, {"norm": "imagenet"})
+    torch.save({**blob, "arch": {**blob["arch"], "kind": "vgg"}}, tmp_path / "s.pt")
+    for expect in (None, "student"):
+        with pytest.raises(running.UserError, match=f"^{re.escape(str(tmp_path / 's.pt'))}: unknown model kind 'vgg'$"):
+            common.load_model(tmp_path / "s.pt", expect)
 
 
 def test_macs_of_the_student():

@@ -2,6 +2,7 @@ import copy
 import hashlib
 import re
 import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import common
 from support import qfile, reports, running, settings
-from conftest import load_script
+from conftest import load_script, run_script
 
 quant = load_script("04_quantize.py")
 
@@ -146,6 +147,28 @@ def test_a_damaged_file_is_a_clear_error(tmp_path):
         common.load_model(tmp_path / "bad.npz")
 
 
+@pytest.mark.parametrize("damage", ["empty", "damaged codes", "a list for a description"])
+@pytest.mark.parametrize("read", [common.load_model, qfile.read_held], ids=["load_model", "read_held"])
+def test_a_damaged_file_is_one_line_whichever_reads_it(tmp_path, damage, read):
+    path = tmp_path / "m.npz"
+    model = common.StudentNet(widths=[3, 4, 5, 6, 7, 8, 9, 10], num_classes=4)
+    qfile.save_quantized(path, encode(common.cpu_state_dict(model), 4), common.arch_of(model),
+                         {"norm": "imagenet"}, compressed=True)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "damaged codes":
+        blob = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as z:
+            at = z.getinfo("q.npy").header_offset
+        name, extra = (int.from_bytes(blob[at + i:at + i + 2], "little") for i in (26, 28))  # its local header's
+        blob[at + 30 + name + extra] = 0xFF  # a deflate block of type 3, which none is: zlib's error, not zipfile's
+        path.write_bytes(bytes(blob))
+    else:
+        np.savez(path, meta=qfile.json_array([1, 2]))
+    with pytest.raises(running.UserError, match=f"^{re.escape(str(path))}: not a quantized model file"):
+        read(path)
+
+
 def test_a_bad_variant_is_a_one_line_error():
     with pytest.raises(running.UserError, match="qN, qNc or mixN"):
         settings.parse_list("q4c,q9", "variants", quant.VARIANT_PATTERN, what=quant.VARIANTS)
@@ -248,6 +271,12 @@ def crafted(tmp_path, layout, craft):
 
 PER_TENSOR_4 = lambda sd: (4, False, None)  # noqa: E731
 MIXED_3 = lambda sd: quant.layout_of("mix3", sd)  # noqa: E731
+PER_CHANNEL_4 = lambda sd: (4, True, None)  # noqa: E731
+
+
+def huge_ranges(meta, arrays):
+    """Finite float16 ranges, but far beyond any weight's."""
+    arrays["lo"][:], arrays["hi"][:] = -60000, 60000
 
 
 @pytest.mark.parametrize("layout, craft, message", [
@@ -265,10 +294,30 @@ MIXED_3 = lambda sd: quant.layout_of("mix3", sd)  # noqa: E731
     (PER_TENSOR_4, lambda m, a: a["hi"].__setitem__(0, a["lo"][0] - 1), "max is below its min"),
     (lambda sd: (16, False, None), lambda m, a: a["f16"].__setitem__(0, np.inf), "not finite"),
     (PER_TENSOR_4, lambda m, a: m.pop("arch"), "names no model"),
+    (PER_TENSOR_4, lambda m, a: m["arch"].update(kind="vgg"), "unknown model kind 'vgg'"),
+    (PER_TENSOR_4, lambda m, a: a.update(lo=a["lo"].reshape(-1, 1)), "array 'lo' is 2-D (shape (64, 1)); a 1-D"),
+    (PER_CHANNEL_4, huge_ranges, "the model it decodes to gives logits that are not finite"),
 ])
 def test_a_crafted_file_is_a_one_line_error_never_a_nan_model(tmp_path, layout, craft, message):
-    with pytest.raises(running.UserError, match=f"not a quantized model file .*{re.escape(message)}"):
-        common.load_model(crafted(tmp_path, layout, craft))
+    path = crafted(tmp_path, layout, craft)
+    names_the_file = f"^{re.escape(str(path))}: not a quantized model file "
+    with pytest.raises(running.UserError, match=f"{names_the_file}.*{re.escape(message)}"):
+        common.load_model(path)
+
+
+def test_05_says_a_damaged_or_crafted_file_in_one_line(sample_root, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    common.save_checkpoint(ck / "student_kd.pt", common.StudentNet(num_classes=11),
+                           {"norm": "imagenet", "img_size": 16, "resize": 18, "select_fraction": 0.1})
+    (ck / "empty.npz").write_bytes(b"")
+    crafted(ck, PER_CHANNEL_4, huge_ranges).rename(ck / "huge.npz")
+    for name, says in [("empty.npz", "empty.npz: not a quantized model file (No data left in file)"),
+                       ("huge.npz", "huge.npz: not a quantized model file (the model it decodes to gives logits")]:
+        run = run_script("05_deploy.py", f"--data_dir={sample_root}", f"--ckpt_dir={ck}",
+                         f"--cache_dir={tmp_path / 'cache'}", f"--models={name}")
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and f"{ck / says}" in lines[0], run.stderr
 
 
 @pytest.mark.parametrize("variant", ["q4c", "q3c", "q3", "q2c"])

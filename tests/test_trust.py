@@ -1,5 +1,6 @@
 """Numbers a user can trust: a selection split chooses, validation reports, with intervals and
 paired tests; slimming is exact; the course's submission format."""
+import fractions
 import math
 import shutil
 import sys
@@ -129,6 +130,43 @@ def test_a_budget_keeps_the_rule_among_the_rows_that_fit(capsys):
         in capsys.readouterr().err
     assert chosen(rule, 20_000) == 30_000  # none fits: the smallest
     assert "no file has at most 20,000 bytes; keeping the smallest (30,000 bytes)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [100, 300, 750])
+def test_a_file_exactly_max_acc_drop_below_student_kd_passes_and_one_image_more_fails(n):
+    """Counted in images: in floats 0.07 - 0.01 is 0.06000000000000001, which refused 0.06."""
+    def score(right):
+        return stats.Score(np.arange(n) < right, "k", [1.0] * n)
+    for drop in ("0.01", "0.02", "0.03", "0.05", "0.1"):
+        rule = settings.Settings({"choose_by": "acc", "max_loss_rise": 0.02, "max_acc_drop": float(drop)})
+        allowed = math.floor(fractions.Fraction(drop) * n)  # 7 of 750 for 0.01: 8 would be 0.0107
+        for right in range(allowed + 1, n + 1):
+            def chosen(small_right):
+                rows = [{"bytes": 2, "select": score(right)}, {"bytes": 1, "select": score(small_right)}]
+                return common.smallest_close(rows, lambda r: r["bytes"], score(right), rule, "file")["bytes"]
+            assert chosen(right - allowed) == 1, (drop, right)
+            assert chosen(right - allowed - 1) == 2, (drop, right)
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf])
+def test_a_non_finite_student_kd_loss_is_an_error_not_a_choice(loss):
+    kd = selection_score(8, [loss] * 10)
+    rows = [{"bytes": 90, "select": selection_score(8, [1.0] * 10)},
+            {"bytes": 10, "select": selection_score(2, [9.0] * 10)}]
+    rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
+    with pytest.raises(running.UserError, match="student_kd's selection loss is not finite .*--choose_by=acc"):
+        common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file")
+    assert common.smallest_close(rows, lambda r: r["bytes"], kd, rule.but(choose_by="acc"), "file")["bytes"] == 90
+
+
+def test_when_only_files_that_scored_nan_fit_the_budget_the_warning_says_so(capsys):
+    kd = selection_score(8, [1.0] * 10)
+    rows = [{"bytes": 10_000, "select": selection_score(8, [math.nan] * 10)},
+            {"bytes": 30_000, "select": selection_score(8, [1.0] * 10)}]
+    rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
+    assert common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (20_000, "bytes"))["bytes"] == 30_000
+    assert "no file of at most 20,000 bytes scored a number on the selection split (those that fit scored NaN); " \
+        "keeping the smallest that did (30,000 bytes)" in capsys.readouterr().err
 
 
 def test_a_score_keeps_each_images_cross_entropy():
