@@ -6,7 +6,8 @@ the crop in its metadata, the normalisation in its graph. Each image is decoded 
 cropped as the pipeline does it, and a predictions file is written: the course's Id,Category
 where the files are named by number (0000.jpg), else File,Category; with --class_names=True a
 Name column. An image that cannot be read gets its row, no answer, and a warning; other files
-in the folder are counted and skipped.
+in the folder are counted and skipped. Without data/food-11 and --model, the model and images
+are the generated sample's, as the stages' were.
 
     python predict.py --model=checkpoints/final.onnx --folder=data/food-11/testing --out=predictions.csv
 """
@@ -23,12 +24,14 @@ from support import deploy, images, reports  # noqa: E402
 from support.settings import configure  # noqa: E402
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-model = "checkpoints/final.onnx"  # a deployed model (05_deploy.py)
-folder = "data/food-11/testing"  # the images to classify (.jpg, .jpeg, .png)
+model = "checkpoints/final.onnx"  # a deployed model (05_deploy.py); without data/food-11, the sample's
+folder = "data/food-11/testing"  # the images to classify (.jpg, .jpeg, .png); without data/food-11, the sample's
 out = "predictions.csv"  # Id,Category (the course's, for files named by number) or File,Category
 class_names = False  # add a Name column with each class's name
 batch_size = 64  # images per run of the model
 threads = 2  # ONNX Runtime's threads
+
+CHECKPOINTS = "checkpoints"  # where the stages write (the sample's run in checkpoints/sample): a missing model names the final.onnx files here
 
 
 def images_in(folder):
@@ -41,6 +44,17 @@ def images_in(folder):
     if not paths:
         raise UserError(f"{where}: no .jpg/.jpeg/.png images in this folder")
     return paths, len(entries) - len(paths)
+
+
+def check_model(model):
+    """A missing model is one line naming the final.onnx files 05_deploy.py did write."""
+    if Path(model).is_file():
+        return
+    written = sorted(str(p) for p in Path(CHECKPOINTS).rglob("final.onnx"))
+    if not written:
+        raise UserError(f"{model}: not found; 05_deploy.py writes final.onnx into its ckpt_dir")
+    raise UserError(f"{model}: not found; 05_deploy.py wrote {', '.join(written)}: give --model="
+                    + (written[0] if len(written) == 1 else "one of them"))
 
 
 def crop_of(path, stored, native_crop, crop):
@@ -68,6 +82,9 @@ def classify(sess, meta, paths, batch_size):
 
 def main():
     cfg = configure(globals())
+    if cfg.notice:
+        print(cfg.notice)
+    check_model(cfg.model)
     sess = deploy.session(cfg.model, cfg.threads)
     meta = deploy.metadata(sess, cfg.model)
     paths, skipped = images_in(cfg.folder)

@@ -117,6 +117,28 @@ def test_files_not_named_by_number_keep_their_names_and_the_classes_can_be_named
         f"dinner {n:04d}.jpg,{expected[n]},{classes[expected[n]]}" for n in (0, 1)]
 
 
+def test_a_missing_model_names_the_one_05_wrote_and_a_folder_is_said_of_predict(deployed, tmp_path):
+    """After the main command on the sample: checkpoints/final.onnx: not found, where 05 had written
+    checkpoints/sample/final.onnx; a file as the folder was a 'split folder missing'."""
+    ck, _, keep = deployed
+    (tmp_path / "checkpoints" / "sample").mkdir(parents=True)
+    shutil.copy(ck / "final.onnx", tmp_path / "checkpoints" / "sample")
+    testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
+    run = predict(tmp_path, "--model=checkpoints/final.onnx", f"--folder={testing}")
+    assert run.returncode == 2 and run.stderr == ("error: checkpoints/final.onnx: not found; 05_deploy.py wrote "
+                                                  "checkpoints/sample/final.onnx: give --model=checkpoints/sample/final.onnx\n")
+    (tmp_path / "empty").mkdir()
+    for folder, says in [(ck / "final.onnx", "a file, not a folder of images"),
+                         (tmp_path / "empty", "no .jpg/.jpeg/.png images in this folder")]:
+        run = predict(tmp_path, "--model=checkpoints/sample/final.onnx", f"--folder={folder}")
+        assert run.returncode == 2 and run.stderr == f"error: {folder}: {says}\n"
+    if not (REPO / "data" / "food-11").is_dir():  # the main command's run was the sample's: so is predict's
+        shutil.copytree(testing, tmp_path / "data" / "sample" / "testing")
+        run = predict(tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert "wrote predictions.csv: 13 images of data/sample/testing classified by final.onnx" in run.stdout
+
+
 def test_bad_model_files_are_one_line(deployed, tmp_path):
     ck, _, keep = deployed
     testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
