@@ -4,9 +4,10 @@ loss, the training and evaluation loops, and the score of a model.
 The machinery behind them (settings, files, image decoding, the bank's storage, statistics,
 reports) lives in support/, which knows nothing of the model.
 """
-from support.running import quiet_start
+from support.running import check_torch_pair, quiet_start
 
 quiet_start()  # Ctrl-C while the heavy modules below load is a clean exit
+check_torch_pair()
 
 import dataclasses
 import hashlib

@@ -3,12 +3,15 @@ which support/ imports), no PyTorch.
 
 A .onnx file of 05_deploy.py carries its preprocessing: the stored size (or native scale) and
 the crop in its metadata, the normalisation in its graph. Each image is decoded and centre-
-cropped as the pipeline does it, and the course's predictions.csv (Id,Category) is written; an
-image that cannot be read gets its row, class 0, and a warning.
+cropped as the pipeline does it, and a predictions file is written: the course's Id,Category
+where the files are named by number (0000.jpg), else File,Category; with --class_names=True a
+Name column. An image that cannot be read gets its row, no answer, and a warning; other files
+in the folder are counted and skipped. Without data/food-11 and --model, the model and images
+are the generated sample's, as the stages' were.
 
     python predict.py --model=checkpoints/final.onnx --folder=data/food-11/testing --out=predictions.csv
 """
-from support.running import quiet_start, run
+from support.running import UserError, quiet_start, run
 
 quiet_start()  # Ctrl-C while onnxruntime loads: a quiet exit
 
@@ -21,11 +24,37 @@ from support import deploy, images, reports  # noqa: E402
 from support.settings import configure  # noqa: E402
 
 # --- settings (each can be overridden as --name=value) -------------------------------------
-model = "checkpoints/final.onnx"  # a deployed model (05_deploy.py)
-folder = "data/food-11/testing"  # the images to classify (.jpg, .jpeg, .png)
-out = "predictions.csv"  # the course's submission file: Id,Category
+model = "checkpoints/final.onnx"  # a deployed model (05_deploy.py); without data/food-11, the sample's
+folder = "data/food-11/testing"  # the images to classify (.jpg, .jpeg, .png); without data/food-11, the sample's
+out = "predictions.csv"  # Id,Category (the course's, for files named by number) or File,Category
+class_names = False  # add a Name column with each class's name
 batch_size = 64  # images per run of the model
 threads = 2  # ONNX Runtime's threads
+
+CHECKPOINTS = "checkpoints"  # where the stages write (the sample's run in checkpoints/sample): a missing model names the final.onnx files here
+
+
+def images_in(folder):
+    """The images of a folder in name order, and how many other files it holds."""
+    where = Path(folder)
+    if not where.is_dir():
+        raise UserError(f"{where}: " + ("a file, not a folder of images" if where.exists() else "folder not found"))
+    entries = sorted(p for p in where.iterdir() if p.is_file())
+    paths = [p for p in entries if p.suffix.lower() in images.IMAGE_EXTS]
+    if not paths:
+        raise UserError(f"{where}: no .jpg/.jpeg/.png images in this folder")
+    return paths, len(entries) - len(paths)
+
+
+def check_model(model):
+    """A missing model is one line naming the final.onnx files 05_deploy.py did write."""
+    if Path(model).is_file():
+        return
+    written = sorted(str(p) for p in Path(CHECKPOINTS).rglob("final.onnx"))
+    if not written:
+        raise UserError(f"{model}: not found; 05_deploy.py writes final.onnx into its ckpt_dir")
+    raise UserError(f"{model}: not found; 05_deploy.py wrote {', '.join(written)}: give --model="
+                    + (written[0] if len(written) == 1 else "one of them"))
 
 
 def crop_of(path, stored, native_crop, crop):
@@ -36,27 +65,36 @@ def crop_of(path, stored, native_crop, crop):
     return images.centre_crop(img[0] if native_crop else img, crop)
 
 
+def classify(sess, meta, paths, batch_size):
+    """Each image's class (-1 for an unreadable one, which the model never sees) and the names
+    of the unreadable ones."""
+    stored, native_crop = images.storage(meta["resize"], meta["img_size"])
+    preds, unreadable = np.full(len(paths), -1), []
+    for start in range(0, len(paths), batch_size):
+        crops = {i: crop_of(paths[i], stored, native_crop, meta["img_size"])
+                 for i in range(start, min(start + batch_size, len(paths)))}
+        readable = [i for i, img in crops.items() if img is not None]
+        unreadable += [paths[i].name for i, img in crops.items() if img is None]
+        if readable:
+            preds[readable] = deploy.logits(sess, [np.stack([crops[i] for i in readable])]).argmax(1)
+    return preds, unreadable
+
+
 def main():
     cfg = configure(globals())
+    if cfg.notice:
+        print(cfg.notice)
+    check_model(cfg.model)
     sess = deploy.session(cfg.model, cfg.threads)
     meta = deploy.metadata(sess, cfg.model)
-    where = Path(cfg.folder)
-    paths = images.list_images(where.parent, where.name)
-    stored, native_crop = images.storage(meta["resize"], meta["img_size"])
-    crop, preds, unreadable = meta["img_size"], [], []
-    for i in range(0, len(paths), cfg.batch_size):
-        batch = []
-        for path in paths[i:i + cfg.batch_size]:
-            img = crop_of(path, stored, native_crop, crop)
-            if img is None:
-                unreadable.append(path.name)
-                img = np.zeros((crop, crop, 3), np.uint8)
-            batch.append(img)
-        preds.append(deploy.logits(sess, [np.stack(batch)]).argmax(1))
+    paths, skipped = images_in(cfg.folder)
+    preds, unreadable = classify(sess, meta, paths, cfg.batch_size)
     listing = SimpleNamespace(names=[p.name for p in paths], unreadable=unreadable)
-    count, bad = reports.write_predictions(Path(cfg.out), listing, np.concatenate(preds))
-    print(f"wrote {cfg.out}: {count} images of {where} classified by {Path(cfg.model).name} ({len(meta['classes'])} classes)"
-          + (f"; {bad} unreadable, class 0" if bad else ""))
+    count, bad = reports.write_predictions(Path(cfg.out), listing, preds, unreadable_class=None,
+                                           class_names=meta["classes"] if cfg.class_names else None)
+    print(f"wrote {cfg.out}: {count} images of {cfg.folder} classified by {Path(cfg.model).name} "
+          f"({len(meta['classes'])} classes)" + (f"; {bad} unreadable, no answer" if bad else "")
+          + (f"; skipped {skipped} file(s) not .jpg/.jpeg/.png" if skipped else ""))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Reports: tables, the rows that compare two models, the records of the results log and the
 table of every stage, the course's predictions file."""
+import csv
+import io
 from pathlib import Path
 
 from support import files
@@ -50,26 +52,34 @@ def recorded_score(record):
 
 
 def submission_ids(names):
-    """The course's Id of each test file: its number (0000.jpg -> 0); files not all named by
-    number get their position in name order."""
+    """The course's Id of each test file, its number (0000.jpg -> 0); None when the files are
+    not all named by number."""
     stems = [Path(n).stem for n in names]
-    if all(s.isdigit() for s in stems):
-        return [int(s) for s in stems]
-    order = {n: i for i, n in enumerate(sorted(names))}
-    return [order[n] for n in names]
+    return [int(s) for s in stems] if stems and all(s.isdigit() for s in stems) else None
 
 
-def write_predictions(path, split, preds):
-    """The course's submission: Id,Category, rows in Id order; an unreadable image says 0.
-    Returns (rows, rows of unreadable images)."""
-    preds = preds.tolist()
+def write_predictions(path, split, preds, unreadable_class=0, class_names=None):
+    """The course's submission, Id,Category in Id order, where the files are named by number;
+    otherwise File,Category in name order. With `class_names`, a Name column. An unreadable
+    image's row says `unreadable_class` (the course's submission wants a class in every row),
+    or nothing when that is None. Returns (rows, rows of unreadable images)."""
     bad = set(split.unreadable)
     for name in split.unreadable:
-        warn(f"{name}: not a readable image; its row in {Path(path).name.removesuffix('.new')} says class 0")
-    rows = sorted((i, 0 if name in bad else c) for i, name, c in zip(submission_ids(split.names), split.names, preds))
+        warn(f"{name}: not a readable image; its row in {Path(path).name.removesuffix('.new')} says "
+             + ("nothing" if unreadable_class is None else f"class {unreadable_class}"))
+    no_answer = "" if unreadable_class is None else unreadable_class
+    answers = [no_answer if name in bad else c for name, c in zip(split.names, preds.tolist())]
+    ids = submission_ids(split.names)
+    rows = sorted(map(list, zip(ids or split.names, answers)), key=lambda row: row[0])
+    header = ["Id" if ids else "File", "Category"]
+    if class_names:
+        header.append("Name")
+        rows = [[key, c, "" if c == "" else class_names[c]] for key, c in rows]
 
     def write(f):
-        f.write(("Id,Category\n" + "".join(f"{i},{c}\n" for i, c in rows)).encode())
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([header, *rows])
+        f.write(text.getvalue().encode())
     files.atomic_write(path, write)
     return len(rows), len(bad)
 

@@ -1,5 +1,6 @@
 """Running a stage: a user's mistake is one line and exit 2, Ctrl-C one line and exit 130."""
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -13,6 +14,36 @@ def quiet_start():
         os._exit(130)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+
+
+def torch_pair_problem(torch_version, torchvision_version):
+    """Why a torch and a torchvision do not belong together, or None. torchvision 0.(N+15) is
+    built for torch 2.N, and both for one platform: the local tag (+cpu, +cu128) must match."""
+    def release(version):
+        public, _, tag = version.partition("+")
+        return [int(p) for p in re.findall(r"\d+", public)[:2]], tag
+    (t, t_tag), (v, v_tag) = release(torch_version), release(torchvision_version)
+    pair = f"torch {torch_version} with torchvision {torchvision_version}"
+    if t[0] == 2 and v != [0, t[1] + 15]:
+        return f"{pair}: torch 2.{t[1]} takes torchvision 0.{t[1] + 15}"
+    if t_tag != v_tag:
+        return f"{pair}: builds for different platforms ({t_tag or 'untagged'}, {v_tag or 'untagged'})"
+    return None
+
+
+def check_torch_pair():
+    """A torchvision that does not belong to its torch fails inside its import with a traceback
+    (operator torchvision::nms does not exist): said here in one line, exit 2, before any work.
+    The versions are read from the installed metadata, without importing either."""
+    from importlib import metadata
+    try:
+        problem = torch_pair_problem(metadata.version("torch"), metadata.version("torchvision"))
+    except metadata.PackageNotFoundError:
+        return  # importing it says which one is missing
+    if problem:
+        print(f"error: {problem}; reinstall them as a pair: pip uninstall -y torch torchvision && "
+              "pip install -r requirements.txt", file=sys.stderr)
+        sys.exit(2)
 
 
 def interrupts_as_keyboard_interrupt():

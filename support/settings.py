@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = Path(__file__).with_name("shipped.json")
 DEFAULT_DATA_DIR = "data/food-11"
 SAMPLE_DIR = "data/sample"
+DEFAULT_MODEL = "checkpoints/final.onnx"  # predict.py's
 PATHS = ("data_dir", "ckpt_dir", "cache_dir")
 
 # Allowed ranges, for whichever of these names a script has.
@@ -229,12 +230,13 @@ def configure(namespace, argv=None):
                    sources={**{k: f"{script} (edited)" for k in edited}, **{k: "the command line" for k in given}})
     if cfg.get("recipe") == "course":
         apply_preset(cfg, *preset("course"))
-    if cfg.get("data_dir") == DEFAULT_DATA_DIR and "data_dir" not in cfg.given \
-            and not (REPO / DEFAULT_DATA_DIR).is_dir():
+    if on_the_sample(cfg) and "data_dir" in cfg:
         apply_preset(cfg, *preset("sample"))
         cfg.data_dir = SAMPLE_DIR
         cfg.notice = (f"notice: no {DEFAULT_DATA_DIR}, so the generated sample in {SAMPLE_DIR} "
                       "(--data_dir=PATH for real data)")
+    elif on_the_sample(cfg):
+        predict_the_sample(cfg)
     check(cfg)
     if "device" in cfg:
         pick_device(cfg.device)  # a missing GPU is said now, not after the first stage of work
@@ -242,6 +244,23 @@ def configure(namespace, argv=None):
         if cfg.get(name):  # a path typed on the command line is taken from where the user is
             cfg[name] = str(resolve(cfg[name], Path.cwd() if cfg.sources.get(name) == "the command line" else REPO))
     return cfg
+
+
+def on_the_sample(cfg):
+    """No data/food-11 and no data of the user's: the stages run on the generated sample, and
+    predict.py, unless given a model, on what they made of it."""
+    name, default = ("data_dir", DEFAULT_DATA_DIR) if "data_dir" in cfg else ("model", DEFAULT_MODEL)
+    return cfg.get(name) == default and name not in cfg.given and not (REPO / DEFAULT_DATA_DIR).is_dir()
+
+
+def predict_the_sample(cfg):
+    """predict.py after a run on the sample: the model 05_deploy.py made of it (in the sample's
+    ckpt_dir) on the sample's test images, each unless the user chose it."""
+    values, source = preset("sample")
+    cfg.fill("model", f"{values['ckpt_dir']}/final.onnx", source)
+    cfg.fill("folder", f"{SAMPLE_DIR}/testing", source)
+    cfg.notice = (f"notice: no {DEFAULT_DATA_DIR}, so the generated sample's model {cfg.model} on {cfg.folder} "
+                  "(--model=PATH, --folder=PATH for others)")
 
 
 def apply_preset(cfg, values, source):

@@ -88,16 +88,55 @@ def test_int8_is_calibrated_on_every_class():
     assert crops.shape == (5, 2, 2, 3) and crops[:, 0, 0, 0].tolist() == [0, 24, 49, 74, 99]
 
 
-def test_an_unreadable_image_is_a_warning_and_a_row(deployed, tmp_path):
+def test_an_unreadable_image_is_a_warning_and_a_row_without_an_answer(deployed, tmp_path):
     ck, _, keep = deployed
     folder = tmp_path / "images"
     shutil.copytree(next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing", folder)
     (folder / "0100.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
     run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={folder}", "--out=p.csv")
     assert run.returncode == 0, run.stderr
     assert "0100.jpg: not a readable image" in run.stderr
+    assert "; 1 unreadable, no answer; skipped 1 file(s) not .jpg/.jpeg/.png" in run.stdout
     rows = (tmp_path / "p.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(list(folder.iterdir())) and "100,0" in rows
+    assert len(rows) == len(list(folder.iterdir())) and rows[0] == "Id,Category" and "100," in rows
+
+
+def test_files_not_named_by_number_keep_their_names_and_the_classes_can_be_named(deployed, tmp_path):
+    ck, _, keep = deployed
+    testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("0000.jpg", "0001.jpg"):
+        shutil.copy(f"{testing}/{name}", folder / f"dinner {name}")
+    run = predict(tmp_path, f"--model={ck / 'final.onnx'}", f"--folder={folder}", "--out=p.csv", "--class_names=True")
+    assert run.returncode == 0, run.stderr
+    classes = deploy.metadata(deploy.session(ck / "final.onnx"), "final.onnx")["classes"]
+    expected = {int(r.split(",")[0]): int(r.split(",")[1]) for r in (ck / "predictions.csv").read_text().splitlines()[1:]}
+    assert (tmp_path / "p.csv").read_text().splitlines() == ["File,Category,Name"] + [
+        f"dinner {n:04d}.jpg,{expected[n]},{classes[expected[n]]}" for n in (0, 1)]
+
+
+def test_a_missing_model_names_the_one_05_wrote_and_a_folder_is_said_of_predict(deployed, tmp_path):
+    """After the main command on the sample: checkpoints/final.onnx: not found, where 05 had written
+    checkpoints/sample/final.onnx; a file as the folder was a 'split folder missing'."""
+    ck, _, keep = deployed
+    (tmp_path / "checkpoints" / "sample").mkdir(parents=True)
+    shutil.copy(ck / "final.onnx", tmp_path / "checkpoints" / "sample")
+    testing = next(a.split("=", 1)[1] for a in keep if a.startswith("--data_dir")) + "/testing"
+    run = predict(tmp_path, "--model=checkpoints/final.onnx", f"--folder={testing}")
+    assert run.returncode == 2 and run.stderr == ("error: checkpoints/final.onnx: not found; 05_deploy.py wrote "
+                                                  "checkpoints/sample/final.onnx: give --model=checkpoints/sample/final.onnx\n")
+    (tmp_path / "empty").mkdir()
+    for folder, says in [(ck / "final.onnx", "a file, not a folder of images"),
+                         (tmp_path / "empty", "no .jpg/.jpeg/.png images in this folder")]:
+        run = predict(tmp_path, "--model=checkpoints/sample/final.onnx", f"--folder={folder}")
+        assert run.returncode == 2 and run.stderr == f"error: {folder}: {says}\n"
+    if not (REPO / "data" / "food-11").is_dir():  # the main command's run was the sample's: so is predict's
+        shutil.copytree(testing, tmp_path / "data" / "sample" / "testing")
+        run = predict(tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert "wrote predictions.csv: 13 images of data/sample/testing classified by final.onnx" in run.stdout
 
 
 def test_bad_model_files_are_one_line(deployed, tmp_path):

@@ -3,13 +3,15 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import common
 from support import files, running
-from conftest import FAST, run_script, snapshot, start, wait_for
+from conftest import FAST, REPO, run_script, snapshot, start, wait_for
 
 
 def assert_clean_error(proc, message, code=2):
@@ -244,3 +246,29 @@ def test_a_crop_larger_than_the_recorded_stored_size_brings_its_own(pipeline, tm
     assert "(46 px stored, 40 px crops)" in run.stdout
     too_small = run_script("03_prune.py", *plain, f"--ckpt_dir={work}", "--img_size=40", "--resize=30")
     assert_clean_error(too_small, "resize=30 is smaller than the crop, img_size=40")
+
+
+FAKED_TORCHVISION = """import importlib.metadata as m, runpy, sys
+real = m.version
+m.version = lambda name: {!r} if name == "torchvision" else real(name)
+sys.argv = [sys.argv[1], "--epochs=0"]  # were the pair let through: a one-line error of another kind
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("torchvision", ["0.28.0", "0.29.1+cu130"])
+def test_a_torchvision_of_another_torch_is_one_line_before_any_work(tmp_path, torchvision):
+    """A torchvision built for another torch (or platform) died in its import: operator
+    torchvision::nms does not exist."""
+    proc = subprocess.run([sys.executable, "-c", FAKED_TORCHVISION.format(torchvision), "00_teacher.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_clean_error(proc, f"with torchvision {torchvision}: ")
+    assert proc.stderr.startswith("error: torch ") and len(proc.stderr.strip().splitlines()) == 1
+    assert running.torch_pair_problem("2.4.1+cpu", "0.19.1+cpu") is None
+    assert "torch 2.13 takes torchvision 0.28" in running.torch_pair_problem("2.13.0", "0.29.1")
+    assert "(cpu, untagged)" in running.torch_pair_problem("2.13.0+cpu", "0.28.0")
+
+
+def test_requirements_pin_torch_and_torchvision_as_a_pair():
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (REPO / "requirements.txt").read_text(), flags=re.M))
+    assert set(pins) == {"torch", "torchvision"} and running.torch_pair_problem(pins["torch"], pins["torchvision"]) is None

@@ -82,6 +82,24 @@ def test_missing_default_data_falls_back_to_the_sample_but_an_explicit_path_does
         common.load_data(cfg.data_dir, 12)
 
 
+def test_predict_follows_the_stages_onto_the_sample(monkeypatch, tmp_path):
+    """After the main command without data/food-11, predict.py looked for checkpoints/final.onnx,
+    where 05 had written checkpoints/sample/final.onnx."""
+    predict = settings.shipped_settings("predict.py")
+    script = {**predict, "__file__": str(REPO / "predict.py")}
+    monkeypatch.setattr(settings, "REPO", tmp_path)  # no data/food-11 there
+    cfg = settings.configure(script, [])
+    assert (cfg.model, cfg.folder) == ("checkpoints/sample/final.onnx", "data/sample/testing")
+    assert cfg.batch_size == predict["batch_size"] and cfg.notice.startswith("notice: no data/food-11")
+    cfg = settings.configure(script, ["--folder=mine"])
+    assert (cfg.model, cfg.folder) == ("checkpoints/sample/final.onnx", "mine")
+    cfg = settings.configure(script, ["--model=mine.onnx"])
+    assert (cfg.model, cfg.folder, cfg.notice) == ("mine.onnx", predict["folder"], "")
+    (tmp_path / settings.DEFAULT_DATA_DIR).mkdir(parents=True)
+    cfg = settings.configure(script, [])
+    assert (cfg.model, cfg.folder, cfg.notice) == (predict["model"], predict["folder"], "")
+
+
 def test_a_preset_fills_only_what_the_user_left_alone():
     script = {**settings.shipped_settings("02_distill.py"), "__file__": str(REPO / "02_distill.py")}
     cfg = settings.configure({**script, "recipe": "course", "img_size": 96, "data_dir": "x"}, ["--lr=0.01"])

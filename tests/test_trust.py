@@ -331,6 +331,15 @@ def test_an_unreadable_test_image_keeps_its_row_with_one_warning(tmp_path, capsy
     assert (tmp_path / "p.csv").read_text() == "Id,Category\n0,4\n1,0\n2,6\n"
 
 
+def test_predictions_of_files_not_named_by_number_name_the_file_and_may_name_the_class(tmp_path):
+    """Such names were given sequence Ids, and an unreadable file class 0, like an answer."""
+    split = images.Split(None, None, ["pie, apple.jpg", "b.png", "a.jpg"], unreadable=["b.png"])
+    count, unreadable = reports.write_predictions(tmp_path / "p.csv", split, np.array([2, -1, 0]),
+                                                  unreadable_class=None, class_names=["Bread", "Dairy", "Dessert"])
+    assert (count, unreadable) == (3, 1)
+    assert (tmp_path / "p.csv").read_text() == 'File,Category,Name\na.jpg,0,Bread\nb.png,,\n"pie, apple.jpg",2,Dessert\n'
+
+
 def jpeg(params):
     img = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
     return cv2.imencode(".jpg", img, params)[1].tobytes()
