@@ -23,7 +23,7 @@ from torch.func import functional_call
 from support import files, plots, qfile, reports
 from support.images import load_split, storage
 from support.resume import Resumable, check_resume
-from support.running import UserError, run, warn
+from support.running import UserError, run, say_last, warn
 from support.settings import (adopt_from, adopt_teacher_settings, as_given, check_selection, configure, parse_list,
                               pick_device, resize_of)
 
@@ -270,8 +270,8 @@ def main():
     outputs.append(plot)
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])
     reports.print_summary(ckpt_dir, data.chosen_on, data.val.labels.numel())
-    print(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz, frontier.png"
-          + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
+    say_last(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz, frontier.png"
+             + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
 
 
 SELECT_COLUMN = "selection acc [95% CI]"

@@ -7,7 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
-from support.running import UserError, interrupted_inside, mark_published, signals_deferred
+from support.running import UserError, interrupted_inside, mark_published, say_last, signals_deferred
 
 RESULTS = "results.json"
 TEACHER_FILE = "teacher_resnet18.bin"
@@ -119,7 +119,7 @@ def publish(ckpt_dir, outputs=(), records=(), finished=()):
 
 
 def say_written(paths):
-    print("wrote " + ", ".join(str(p) for p in paths))
+    say_last("wrote " + ", ".join(str(p) for p in paths))
 
 
 def ensure_writable(folder):

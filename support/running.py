@@ -65,10 +65,17 @@ def warn(msg):
 
 
 _published = []  # set by publish(): the run's outputs are in place
+_last_words = []  # what a run says last (the files it wrote): printed by run() once nothing can interrupt it
 
 
 def mark_published():
     _published.append(True)
+
+
+def say_last(text):
+    """Print `text` as the run's last line, once main() is over and (from the shell) Ctrl-C is
+    ignored: a user who sees it knows that a Ctrl-C now changes nothing."""
+    _last_words.append(text)
 
 
 def run(main):
@@ -78,9 +85,12 @@ def run(main):
     traceback, or kill the process without a word, after the outputs were written."""
     code = 0
     _published.clear()
+    _last_words.clear()
     try:
         main()
         ending(main)
+        for text in _last_words:
+            print(text, flush=True)
     except UserError as e:
         ending(main)
         print(f"error: {e}", file=sys.stderr)

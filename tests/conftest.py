@@ -34,13 +34,17 @@ def overridden(args):
     return [a for i, a in enumerate(args) if last[a.split("=", 1)[0]] == i]
 
 
+HANG = 1800  # seconds: a guard against a hung stage, not a speed test (a loaded 2-core machine is slow)
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a stage's lines reach the test as they are printed
+
+
 def start(script, args):
     """A stage running in the background, to interrupt or kill."""
     return subprocess.Popen([sys.executable, str(REPO / script), *overridden(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=UNBUFFERED)
 
 
-def wait_for(path, proc, timeout=120):
+def wait_for(path, proc, timeout=HANG):
     t0 = time.time()
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -53,10 +57,9 @@ def snapshot(folder):
     return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def run_script(name, *args, timeout=300, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_script(name, *args, timeout=HANG, **kw):
     return subprocess.run([sys.executable, str(REPO / name), *overridden(args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+                          timeout=timeout, env=UNBUFFERED, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, load_script, run_script
+from conftest import HANG, REPO, load_script, run_script
 from support import deploy, qfile
 
 deploy_script = load_script("05_deploy.py")
@@ -66,7 +66,7 @@ def no_torch_env(tmp_path):
 
 def predict(tmp_path, *args):
     return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], capture_output=True, text=True,
-                          env=no_torch_env(tmp_path), cwd=tmp_path, timeout=120)
+                          env=no_torch_env(tmp_path), cwd=tmp_path, timeout=HANG)
 
 
 def test_predict_runs_without_pytorch_and_writes_what_04_wrote(deployed, tmp_path):

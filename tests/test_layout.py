@@ -1,5 +1,6 @@
 """The house: stages -> common.py -> support/, never back, and every file a reader can take in."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,12 @@ def test_the_predictor_imports_no_pytorch():
     """predict.py ships beside an .onnx file: onnxruntime, numpy and OpenCV only (tests/test_deploy.py
     runs it where importing torch fails)."""
     assert not imported(REPO / "predict.py") & {"torch", "torchvision", "common", *STAGES}
+
+
+def test_every_timeout_in_the_tests_is_a_hang_guard_not_a_speed_test():
+    """A loaded 2-core machine ran the README's main command in 6.5 minutes: a subprocess
+    timeout under conftest.HANG fails a slow machine, not a hung stage."""
+    from conftest import HANG
+    short = [(path.name, int(seconds)) for path in (REPO / "tests").glob("*.py")
+             for seconds in re.findall(r"timeout=(\d+)", path.read_text(encoding="utf-8")) if int(seconds) < HANG]
+    assert not short, short

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 
-from conftest import REPO
+from conftest import HANG, REPO
 from support import files, reports
 
 SAMPLE_TABLE_HEAD = "| model | params | bytes | val acc [95% CI] |"
@@ -44,7 +44,7 @@ def arithmetic_key(repo):
     fresh process with default threads, and the torch, vector unit and thread count it ran on.
     It runs no code of ours: a change to our training changes the table, not this key, so on the
     machine the table was measured on a stale table fails the test."""
-    run = subprocess.run([sys.executable, "-c", ARITHMETIC], cwd=repo, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", ARITHMETIC], cwd=repo, capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr
     return run.stdout.split()
 
@@ -76,7 +76,7 @@ def test_the_readme_sample_table_is_what_the_main_command_prints(tmp_path):
         copy = shutil.copytree if path.is_dir() else shutil.copy
         copy(path, clean / path.name)
     command = main_command().replace("python ", f"{sys.executable} ")
-    run = subprocess.run(command, shell=True, cwd=clean, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, shell=True, cwd=clean, capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr
     table = sample_table(clean / "checkpoints" / "sample")
     readme = (REPO / "README.md").read_text(encoding="utf-8")

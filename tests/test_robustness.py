@@ -11,7 +11,7 @@ import torch
 
 import common
 from support import files, running
-from conftest import FAST, REPO, run_script, snapshot, start, wait_for
+from conftest import FAST, HANG, REPO, run_script, snapshot, start, wait_for
 
 
 def assert_clean_error(proc, message, code=2):
@@ -191,7 +191,7 @@ def test_ctrl_c_exits_130_and_says_where_the_state_is(sample_root, tmp_path):
     proc = start("01_architecture.py", train_args(sample_root, ck, tmp_path, epochs=50))
     wait_for(ck / "student_scratch.pt.resume.pt", proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     common.load_model(ck / "student_scratch.pt.new")  # the best epoch so far is whole
@@ -261,7 +261,7 @@ def test_a_torchvision_of_another_torch_is_one_line_before_any_work(tmp_path, to
     """A torchvision built for another torch (or platform) died in its import: operator
     torchvision::nms does not exist."""
     proc = subprocess.run([sys.executable, "-c", FAKED_TORCHVISION.format(torchvision), "00_teacher.py"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert_clean_error(proc, f"with torchvision {torchvision}: ")
     assert proc.stderr.startswith("error: torch ") and len(proc.stderr.strip().splitlines()) == 1
     assert running.torch_pair_problem("2.4.1+cpu", "0.19.1+cpu") is None
