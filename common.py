@@ -632,7 +632,8 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
     (acc); where none is, the best there, with a warning. A row that scored NaN is left out (all
     of them: an error). A budget, limit = (amount, unit), leaves out the rows larger than amount
     (0: no budget); where all are, the smallest, with a warning. On a few hundred images the loss
-    is about twice as steady as the accuracy: each image adds how sure the model was, not one bit."""
+    is about twice as steady as the accuracy: each image adds how sure the model was, not one bit.
+    The row returned says which of the three chose it, in words, as row["chosen_by"]."""
     def better(row):  # higher is better
         value = -row["select"].loss if cfg.choose_by == "loss" else row["select"].acc
         return value if value == value else -math.inf
@@ -644,14 +645,20 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
         if not within:
             smallest = min(rows, key=size)
             warn(f"no {what} has at most {limit[0]:,} {limit[1]}; keeping the smallest ({size(smallest):,} {limit[1]})")
-            return smallest
+            return chosen_by(smallest, f"the smallest (none fits the budget of {limit[0]:,} {limit[1]})")
         rows = within
     bar = -reference.loss * (1 + cfg.max_loss_rise) if cfg.choose_by == "loss" else reference.acc - cfg.max_acc_drop
     fits = [r for r in rows if better(r) >= bar]
     if fits:
-        return min(fits, key=lambda r: (size(r), -better(r)))
+        return chosen_by(min(fits, key=lambda r: (size(r), -better(r))),
+                         f"the rule: the smallest {what} with {rule_text(cfg, limit)}")
     warn(f"no {what} passes the rule ({rule_text(cfg, limit)}); keeping the best one there")
-    return max(rows, key=better)
+    return chosen_by(max(rows, key=better), f"the best on selection (none passed the rule: {rule_text(cfg, limit)})")
+
+
+def chosen_by(row, why):
+    row["chosen_by"] = why
+    return row
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

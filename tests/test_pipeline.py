@@ -168,3 +168,24 @@ def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"select_fraction=0.0[^;]* from student_kd.pt", proc.stdout)
     assert "the round chosen on validation (optimistic)" in proc.stdout
+
+
+def test_the_final_lines_say_what_chose_the_model(pipeline, tmp_path):
+    """Where no round passes the rule, 03 names the fallback that chose, not the rule it failed;
+    where no file fits the budget, 04 says the smallest was kept."""
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    run = [*args, f"--ckpt_dir={work}"]
+    proc = run_script("03_prune.py", *run, "--prune_count=1", "--finetune_epochs=1", "--lr=1",
+                      "--max_loss_rise=0")  # a fine-tune at lr 1 leaves the round far worse than student_kd
+    assert proc.returncode == 0, proc.stderr
+    assert "no round passes the rule" in proc.stderr
+    assert re.search(r"^student_pruned.pt = keep 0.8 .*; the best on selection \(none passed the rule: selection "
+                     r"loss at most 0% above student_kd's\)\)$", proc.stdout, flags=re.M), proc.stdout
+    proc = run_script("04_quantize.py", *run, "--variants=fp16", "--qat_variants=", "--max_bytes=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "keeping the smallest" in proc.stderr
+    assert re.search(r"^final model, chosen on selection: .*; the smallest \(none fits the budget of 1 bytes\)\)$",
+                     proc.stdout, flags=re.M), proc.stdout
+
