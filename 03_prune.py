@@ -282,7 +282,8 @@ def main():
         print(f"the teacher saw {asked.images:,} training images in this run")
     outputs += round_paths + [final, plot]
     files.say_written(files.publish(ckpt_dir, outputs, records,
-                                    finished=[Resumable(p, cfg).state for p in [sparse_path, *round_paths]]))
+                                    finished=[Resumable(p, cfg).state for p in [sparse_path, *round_paths]],
+                                    replaces_outputs=True))
 
 
 if __name__ == "__main__":

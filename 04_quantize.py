@@ -253,7 +253,8 @@ def main():
                     "chosen_on": data.chosen_on, "from": final["from"]})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
-    written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])
+    written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()],
+                            replaces_outputs=True)
     reports.print_summary(ckpt_dir, data.chosen_on, data.val.labels.numel())
     print(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz, frontier.png"
           + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")

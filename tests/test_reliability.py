@@ -303,6 +303,22 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
     assert models() == ["teacher", "student_scratch", "student_kd"]
 
 
+def test_a_rerun_removes_only_what_the_run_of_its_stage_it_replaces_wrote(tmp_path, capsys):
+    def run(stage, names):
+        for name in names:
+            files.new_path(tmp_path / name).write_bytes(b"new")
+        files.publish(tmp_path, [tmp_path / n for n in names], [{"stage": stage, "model": names[0]}],
+                      replaces_outputs=True)
+    (tmp_path / "mine.pt").write_bytes(b"a user's file")
+    run("3 pruning", ["round_a.pt", "round_b.pt", "plot.png"])
+    run("4 quantization", ["round_b.q8.npz"])
+    assert "removed" not in capsys.readouterr().out
+    run("3 pruning", ["round_a.pt", "plot.png"])  # one round fewer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt", "plot.png", "results.json", "round_a.pt",
+                                                          "round_b.q8.npz"]
+    assert capsys.readouterr().out == "removed what the run this one replaces wrote and this one did not: round_b.pt\n"
+
+
 def test_a_new_teacher_or_a_new_start_drops_what_was_made_from_the_old_one(tmp_path):
     def later_rows(teacher="aaaa", **kd):
         return [{"stage": "1 architecture", "model": "student_scratch"},
