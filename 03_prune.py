@@ -277,7 +277,7 @@ def main():
           f"{kd_select.loss:.4f} and {kd_select.acc:.4f}; {chosen['chosen_by']})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
     plots.plot_rounds(files.new_path(plot), rows, {"params": kd_params, "bytes": files.file_bytes(kd_path),
-                                                   "acc": kd_val.acc})
+                                                   "acc": kd_val.acc}, chosen)
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
     outputs += round_paths + [final, plot]

@@ -245,8 +245,10 @@ def main():
           f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; {final['chosen_by']})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
-        r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc
-    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final)
+        r["label"] = r["path"].name if r["variant"] == "fp32 .pt" else f"{r['model']}.{r['variant']}".replace("student_", "")
+        r["acc"], r["ci"] = r["val"].acc, r["val"].interval()
+    kd_file = [r for r in rows if r["path"] == ckpt_dir / "student_kd.pt"]
+    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final, kd_file)
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
                     "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
