@@ -274,16 +274,16 @@ def main():
                                       "val before", "val after [95% CI]", "selection after", "select loss"]))
     print(f"student_pruned.pt = keep {chosen['keep']} ({chosen['params']:,} params, val acc {chosen['score']}; "
           f"selection loss {chosen['select'].loss:.4f} and acc {chosen['select_after']:.4f} against student_kd's "
-          f"{kd_select.loss:.4f} and {kd_select.acc:.4f}; the rule: the smallest round with "
-          f"{common.rule_text(cfg)})")
+          f"{kd_select.loss:.4f} and {kd_select.acc:.4f}; {chosen['chosen_by']})")
     plot = ckpt_dir / f"pruning_{cfg.method}{'_sparse' if sparse else ''}.png"
     plots.plot_rounds(files.new_path(plot), rows, {"params": kd_params, "bytes": files.file_bytes(kd_path),
-                                                   "acc": kd_val.acc})
+                                                   "acc": kd_val.acc}, chosen)
     if asked:
         print(f"the teacher saw {asked.images:,} training images in this run")
     outputs += round_paths + [final, plot]
     files.say_written(files.publish(ckpt_dir, outputs, records,
-                                    finished=[Resumable(p, cfg).state for p in [sparse_path, *round_paths]]))
+                                    finished=[Resumable(p, cfg).state for p in [sparse_path, *round_paths]],
+                                    replaces_outputs=True))
 
 
 if __name__ == "__main__":

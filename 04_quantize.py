@@ -257,18 +257,21 @@ def main():
     print_qat_gain(rows, qat_paths)
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
-          f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; the rule: the smallest file with {common.rule_text(cfg, budget)})")
+          f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; {final['chosen_by']})")
     plot = ckpt_dir / "frontier.png"
     for r in rows:
-        r["label"], r["acc"] = f"{r['model']}.{r['variant']}".replace("student_", ""), r["val"].acc
-    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final)
+        r["label"] = r["path"].name if r["variant"] == "fp32 .pt" else f"{r['model']}.{r['variant']}".replace("student_", "")
+        r["acc"], r["ci"] = r["val"].acc, r["val"].interval()
+    kd_file = [r for r in rows if r["path"] == ckpt_dir / "student_kd.pt"]
+    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final, kd_file)
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
                     "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
                     "chosen_on": data.chosen_on, "from": final["from"]})
     outputs += write_submission(final["path"], final["path"] in outputs, data, cfg, ckpt_dir, device)
     outputs.append(plot)
-    written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()])
+    written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()],
+                            replaces_outputs=True)
     reports.print_summary(ckpt_dir, data.chosen_on, data.val.labels.numel())
     say_last(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz, frontier.png"
              + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")

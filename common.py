@@ -671,7 +671,7 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
     (all of them: an error). A budget, limit = (amount, unit), leaves out the rows larger than
     amount (0: no budget); where all are, the smallest, with a warning. On a few hundred images
     the loss is about twice as steady as the accuracy: each image adds how sure the model was,
-    not one bit."""
+    not one bit. The row returned says which of the three chose it, in words, as row["chosen_by"]."""
     by_loss = cfg.choose_by == "loss"
     if by_loss and not math.isfinite(reference.loss):
         raise UserError(f"student_kd's selection loss is not finite ({reference.loss}), so no {what} can be "
@@ -697,19 +697,26 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
                      f"scored NaN); keeping the smallest that did ({size(smallest):,} {limit[1]})")
             else:
                 warn(f"no {what} has at most {budget}; keeping the smallest ({size(smallest):,} {limit[1]})")
-            return smallest
+            return chosen_by(smallest, f"the smallest (none fits the budget of {budget})")
         scored = within
     fits = [r for r in scored if close(r)]
     if fits:
-        return min(fits, key=lambda r: (size(r), -better(r)))
+        return chosen_by(min(fits, key=lambda r: (size(r), -better(r))),
+                         f"the rule: the smallest {what} with {rule_text(cfg, limit)}")
     warn(f"no {what} passes the rule ({rule_text(cfg, limit)}); keeping the best one there")
-    return max(scored, key=better)
+    return chosen_by(max(scored, key=better),
+                     f"the best on selection (none passed the rule: {rule_text(cfg, limit)})")
 
 
 def images_within(max_acc_drop, n):
     """How many of n images max_acc_drop allows fewer right: a drop of exactly max_acc_drop passes
     (in floats 0.07 - 0.01 is 0.06000000000000001; the product rounded to 9 places is the decimal one)."""
     return math.floor(round(max_acc_drop * n, 9))
+
+
+def chosen_by(row, why):
+    row["chosen_by"] = why
+    return row
 
 
 def model_record(stage, name, model, path, val, img_size, **extra):

@@ -94,17 +94,22 @@ def still_valid(rows, records):
     return [r for r in rows if r["model"] not in names and stage_of(r) not in stale]
 
 
-def publish(ckpt_dir, outputs=(), records=(), finished=()):
+def publish(ckpt_dir, outputs=(), records=(), finished=(), replaces_outputs=False):
     """The end of a completed run: each output's `.new` file replaces it, and the run's records
     replace the rows of the results log they make stale (still_valid()), together (Ctrl-C waits
     until both are done). `finished`: files of the run (resumable states) to remove afterwards.
-    Returns the paths written."""
+    replaces_outputs: the run's last record names its outputs, and those the stage's previous run
+    named and this one did not write again are removed afterwards (said in one line): a rerun
+    with fewer rounds or files leaves none of the old ones beside the new. Returns the paths written."""
     ckpt_dir = Path(ckpt_dir)
     targets = [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
     twice = sorted({p.name for p in targets if targets.count(p) > 1})
     if twice:
         raise UserError(f"{', '.join(twice)}: two outputs of this run share the name; nothing was replaced")
-    rows = still_valid(read_results(ckpt_dir), records) + list(records)
+    old_rows = read_results(ckpt_dir)
+    if replaces_outputs and records:
+        records[-1]["outputs"] = [p.name for p in targets[:-1]]
+    rows = still_valid(old_rows, records) + list(records)
     atomic_json(new_path(ckpt_dir / RESULTS), rows)
     for path in targets:  # what would stop a swap halfway is found first
         if path.is_dir() or not new_path(path).is_file():
@@ -115,7 +120,22 @@ def publish(ckpt_dir, outputs=(), records=(), finished=()):
         mark_published()
     for path in finished:
         Path(path).unlink(missing_ok=True)
+    remove_superseded(ckpt_dir, old_rows, records, targets)
     return targets
+
+
+def remove_superseded(ckpt_dir, old_rows, records, targets):
+    """Remove the files the log's rows of the records' stage named as their run's outputs (never
+    a path outside ckpt_dir) which this run did not write again, and say so in one line."""
+    if not records:
+        return
+    named = {n for r in old_rows if stage_of(r) == stage_of(records[-1]) for n in r.get("outputs", [])
+             if isinstance(n, str) and Path(n).name == n}
+    gone = [ckpt_dir / n for n in sorted(named - {p.name for p in targets}) if (ckpt_dir / n).is_file()]
+    for path in gone:
+        path.unlink()
+    if gone:
+        print(f"removed what the run this one replaces wrote and this one did not: {', '.join(p.name for p in gone)}")
 
 
 def say_written(paths):

@@ -168,3 +168,45 @@ def test_select_fraction_zero_says_the_numbers_are_optimistic(pipeline, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"select_fraction=0.0[^;]* from student_kd.pt", proc.stdout)
     assert "the round chosen on validation (optimistic)" in proc.stdout
+
+
+def test_the_final_lines_say_what_chose_the_model(pipeline, tmp_path):
+    """Where no round passes the rule, 03 names the fallback that chose, not the rule it failed;
+    where no file fits the budget, 04 says the smallest was kept."""
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    run = [*args, f"--ckpt_dir={work}"]
+    proc = run_script("03_prune.py", *run, "--prune_count=1", "--finetune_epochs=1", "--lr=1",
+                      "--max_loss_rise=0")  # a fine-tune at lr 1 leaves the round far worse than student_kd
+    assert proc.returncode == 0, proc.stderr
+    assert "no round passes the rule" in proc.stderr
+    assert re.search(r"^student_pruned.pt = keep 0.8 .*; the best on selection \(none passed the rule: selection "
+                     r"loss at most 0% above student_kd's\)\)$", proc.stdout, flags=re.M), proc.stdout
+    proc = run_script("04_quantize.py", *run, "--variants=fp16", "--qat_variants=", "--max_bytes=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "keeping the smallest" in proc.stderr
+    assert re.search(r"^final model, chosen on selection: .*; the smallest \(none fits the budget of 1 bytes\)\)$",
+                     proc.stdout, flags=re.M), proc.stdout
+
+
+def test_a_rerun_with_fewer_files_or_rounds_removes_the_ones_it_replaces(pipeline, tmp_path):
+    ck, _, args = pipeline
+    work = tmp_path / "ck"
+    shutil.copytree(ck, work)
+    run = [*args, f"--ckpt_dir={work}", "--max_loss_rise=1e9"]
+    before = {p.name for p in work.iterdir()}
+    proc = run_script("04_quantize.py", *run, "--variants=fp16", "--qat_variants=")  # was fp16,q8,q4c and QAT mix3
+    assert proc.returncode == 0, proc.stderr
+    left = {p.name for p in work.iterdir()}
+    npz = sorted(n for n in left if n.startswith("student") and n.endswith(".npz"))  # not the teacher bank
+    assert npz == ["student_kd.fp16.npz", "student_kd.fp16.z.npz", "student_pruned.fp16.npz", "student_pruned.fp16.z.npz"]
+    gone = sorted(before - left)
+    assert "student_pruned.qat.mix3.pt" in gone and "student_pruned.ft.pt" in gone and "student_kd.q8.z.npz" in gone
+    assert all(".q8." in n or ".q4c." in n or ".mix3." in n or n.endswith((".qat.mix3.pt", ".ft.pt")) for n in gone)
+    assert f"removed what the run this one replaces wrote and this one did not: {', '.join(gone)}\n" in proc.stdout
+    assert {"frontier.png", "predictions.csv", "student_kd.pt", "student_pruned.pt"} <= left
+    proc = run_script("03_prune.py", *run, "--prune_count=1", "--finetune_epochs=0")  # was 2 rounds
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(before - {p.name for p in work.iterdir()}) == sorted(gone + ["student_pruned_0.640_global.pt"])
+    assert "wrote and this one did not: student_pruned_0.640_global.pt\n" in proc.stdout

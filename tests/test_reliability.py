@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+import matplotlib.container
+import matplotlib.text
 import pytest
 import torch
 
@@ -303,6 +305,22 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
     assert models() == ["teacher", "student_scratch", "student_kd"]
 
 
+def test_a_rerun_removes_only_what_the_run_of_its_stage_it_replaces_wrote(tmp_path, capsys):
+    def run(stage, names):
+        for name in names:
+            files.new_path(tmp_path / name).write_bytes(b"new")
+        files.publish(tmp_path, [tmp_path / n for n in names], [{"stage": stage, "model": names[0]}],
+                      replaces_outputs=True)
+    (tmp_path / "mine.pt").write_bytes(b"a user's file")
+    run("3 pruning", ["round_a.pt", "round_b.pt", "plot.png"])
+    run("4 quantization", ["round_b.q8.npz"])
+    assert "removed" not in capsys.readouterr().out
+    run("3 pruning", ["round_a.pt", "plot.png"])  # one round fewer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt", "plot.png", "results.json", "round_a.pt",
+                                                          "round_b.q8.npz"]
+    assert capsys.readouterr().out == "removed what the run this one replaces wrote and this one did not: round_b.pt\n"
+
+
 def test_a_new_teacher_or_a_new_start_drops_what_was_made_from_the_old_one(tmp_path):
     def later_rows(teacher="aaaa", **kd):
         return [{"stage": "1 architecture", "model": "student_scratch"},
@@ -381,6 +399,50 @@ def test_the_plot_survives_rounds_that_all_score_the_same(tmp_path):
              "ci_after": (0.8, 1.0)} for k in (0.8, 0.64)]
     plots.plot_rounds(tmp_path / "p.png", rows, {"params": 1000, "bytes": 4000, "acc": 1.0})
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def drawn(monkeypatch, plot, *args):
+    """The figure a plot function would save, drawn, and its renderer."""
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda path, fig: figures.append(fig))
+    plot(*args)
+    figures[0].canvas.draw()
+    return figures[0], figures[0].canvas.get_renderer()
+
+
+def apart(boxes):
+    return not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def label_boxes(ax, renderer):  # the text alone, without a label's line to its point
+    return [matplotlib.text.Text.get_window_extent(t, renderer) for t in ax.texts]
+
+
+def test_the_rounds_plot_keeps_its_labels_apart_and_rings_the_round_kept(tmp_path, monkeypatch):
+    rows = [{"keep": round(0.7 ** k, 3), "params": 1_000_000 * 0.7 ** k, "bytes": 4_000_000 * 0.7 ** k,
+             "acc_before": 0.5, "acc_after": 0.55 + 0.002 * k, "ci_after": (0.5, 0.6)} for k in range(1, 6)]
+    fig, renderer = drawn(monkeypatch, plots.plot_rounds, tmp_path / "p.png", rows,
+                          {"params": 1_000_000, "bytes": 4_000_000, "acc": 0.56}, rows[1])
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t.get_window_extent(renderer) for v, t in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_majorticklabels())
+                 if lo <= v <= hi and t.get_text()]
+        assert len(ticks) >= 2 and apart(ticks)  # not "800k900k1M"
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"keep {r['keep']:.2f}" for r in rows)
+        assert apart(label_boxes(ax, renderer))
+    assert "kept: keep 0.49 (student_pruned.pt)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_the_frontier_labels_the_files_compared_apart_with_their_intervals(tmp_path, monkeypatch):
+    files = [{"bytes": 30_000 * 1.01 ** k, "acc": 0.5 + 0.001 * (k % 5), "ci": (0.45, 0.56), "label": f"file{k}",
+              "front": k % 3 == 0} for k in range(30)]
+    kd = {"bytes": 1_000_000, "acc": 0.55, "ci": (0.5, 0.6), "label": "student_kd.pt", "front": False}
+    fig, renderer = drawn(monkeypatch, plots.plot_frontier, tmp_path / "f.png", files + [kd], 0.55, files[4], [kd])
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == sorted([f"file{k}" for k in range(0, 30, 3)] + ["file4", "student_kd.pt"])
+    assert apart(label_boxes(ax, renderer))
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert sum(len(c.lines[2][0].get_segments()) for c in bars) == len(files) + 1  # every file's 95% interval
 
 
 # --- Ctrl-C inside a write, and just after a stage has written ----------------------------------

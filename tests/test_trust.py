@@ -113,6 +113,19 @@ def test_the_round_or_file_is_chosen_on_selection_not_validation(capsys):
     assert "no file passes" not in capsys.readouterr().err
 
 
+def test_the_chosen_row_says_what_chose_it():
+    kd = selection_score(8, [1.0] * 10)
+    rows = [{"bytes": b, "select": selection_score(8, [loss] * 10)} for b, loss in [(90_000, 1.0), (30_000, 1.5)]]
+    rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
+
+    def why(rule, budget=0):
+        return common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (budget, "bytes"))["chosen_by"]
+    assert why(rule) == "the rule: the smallest file with selection loss at most 2% above student_kd's"
+    assert why(rule, 40_000) == ("the best on selection (none passed the rule: selection loss at most 2% above "
+                                 "student_kd's, of at most 40,000 bytes)")
+    assert why(rule, 20_000) == "the smallest (none fits the budget of 20,000 bytes)"
+
+
 def test_a_budget_keeps_the_rule_among_the_rows_that_fit(capsys):
     kd = selection_score(8, [1.0] * 10)
     rows = [{"bytes": b, "select": selection_score(8, [loss] * 10)}
