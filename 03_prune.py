@@ -18,7 +18,7 @@ above student_kd's) is saved as checkpoints/student_pruned.pt.
 import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
 
-from support import deploy, files, plots, reports
+from support import choose, deploy, files, plots, reports
 from support.resume import Resumable, check_resume
 from support.running import UserError, run
 from support.settings import adopt_from, adopt_teacher_settings, as_given, configure, pick_device
@@ -258,7 +258,7 @@ def main():
         r[f"ms @{cfg.batch_size}"], r["speed x kd"] = f"{ms[k]:.1f}", f"{ms['student_kd'] / ms[k]:.2f}"
 
     # --- the smallest good-enough round becomes student_pruned.pt ---------------------------
-    chosen = common.smallest_close(rows, lambda r: r["params"], kd_select, cfg, "round")
+    chosen = choose.smallest_close(rows, lambda r: r["params"], kd_select, cfg, "round")
     final = ckpt_dir / "student_pruned.pt"
     blob = files.new_path(chosen["path"]).read_bytes()
     files.atomic_write(files.new_path(final), lambda f: f.write(blob))

@@ -3,14 +3,11 @@
 16 bit: every floating tensor as float16. 8 bit: per tensor, min-max normalise, times 255,
 rounded to uint8, min and max stored beside. Beyond the homework: per-output-channel ranges,
 1..8-bit codes, mixed layouts (mixN: the pointwise convs at N bits, the rest at 8), and
-quantization-aware fine-tuning (QAT): the model trains through the very codes its file will
-hold, so 3 and 4 bits keep what post-training quantization loses. Files: support/qfile.py.
-
-The final model is the smallest file close to student_kd on the selection split (its
-cross-entropy there at most max_loss_rise above student_kd's; validation only reports), of at
-most max_bytes if given. Prints every file as a bytes-vs-accuracy frontier (and draws it,
-frontier.png), what QAT bought, writes predictions.csv in the course's format, and ends with
-the table of every stage and each stage against the one before.
+quantization-aware fine-tuning (QAT) through the very codes the file will hold, so 3 and 4 bits
+keep what post-training quantization loses. Files: support/qfile.py. The final model is the
+smallest file close to student_kd on the selection split (support/choose.py), of at most
+max_bytes if given; validation only reports. Prints and draws every file (frontier.png), what
+QAT bought, writes predictions.csv, and ends with the table of every stage.
 
     python 04_quantize.py
 """
@@ -20,7 +17,7 @@ import common  # first: Ctrl-C during the slow imports is then a clean exit
 import torch
 from torch.func import functional_call
 
-from support import files, plots, qfile, reports
+from support import choose, files, plots, qfile, reports
 from support.images import load_split, storage
 from support.resume import Resumable, check_resume
 from support.running import UserError, run, say_last, warn
@@ -71,10 +68,8 @@ resume = False  # continue an interrupted QAT; finished ones are reused
 def minmax_quantize(x, bits, per_channel, range_dtype=torch.float32, compute=torch.float64):
     """Min-max quantization: code = round((x - min) / (max - min) * (2^bits - 1)), with min and
     max per tensor (one row) or per output channel (one row each), as the file stores them
-    (range_dtype); (codes, lo, hi), the codes in `compute`'s precision. The one place the codes
-    are made: files (in float64, on the CPU) and fake quantization (in float32 on the device while
-    training, and as the file in evaluation) use it, so a decoded file computes exactly what QAT
-    evaluated."""
+    (range_dtype); (codes in `compute`'s precision, lo, hi). The one place the codes are made, for
+    files (float64, CPU) and QAT (float32 on the device), so a file computes what QAT evaluated."""
     rows = x.detach().to(compute).reshape(x.shape[0] if per_channel else 1, -1)
     lo, hi = rows.min(1).values.to(range_dtype), rows.max(1).values.to(range_dtype)
     lo_c, hi_c = lo.to(compute)[:, None], hi.to(compute)[:, None]
@@ -109,12 +104,10 @@ def encode(state_dict, variant):
 
 
 class FakeQuant(common.StudentNet):
-    """A StudentNet whose forward sees its tensors as `variant`'s file will store them (the
-    same min-max codes, by minmax_quantize); a straight-through estimator hands each weight
-    the gradient of its quantized value. Training computes the codes in float32 on the device
-    (no float64 there: Apple GPUs have none, and nothing that waits for the host); in eval mode
-    the weights and BatchNorm statistics are the decoded file's, made once on the CPU, so its
-    logits are the file's. Its state_dict is a plain StudentNet's."""
+    """A StudentNet whose forward sees its tensors as `variant`'s file will store them (the same
+    min-max codes); a straight-through estimator hands each weight the gradient of its quantized
+    value. Training makes the codes in float32 on the device (Apple GPUs have no float64); eval
+    mode runs on the decoded file's tensors, made once, so its logits are the file's."""
 
     def __init__(self, model, variant):
         super().__init__(widths=model.widths, num_classes=model.fc[0].out_features)
@@ -132,8 +125,7 @@ class FakeQuant(common.StudentNet):
         q, lo, hi = minmax_quantize(t, bits, self.per_channel and t.ndim >= 2, self.range_dtype, torch.float32)
         return qfile.dequantize(q, lo, hi, bits, t.shape, t.dtype, torch.float32)
 
-    def file_state(self):
-        """Every tensor as the file decodes it, on the model's device (made once per eval)."""
+    def file_state(self):  # every tensor as the file decodes it, on the model's device
         if self.as_file is None:
             device = next(self.parameters()).device
             decoded = qfile.decode(encode(common.cpu_state_dict(self), self.variant))
@@ -167,9 +159,8 @@ def main():
     variants = list(dict.fromkeys(variants + qat_variants))  # so QAT is compared at the same bits
     ckpt_dir = files.ensure_writable(cfg.ckpt_dir)
     recorded = adopt_from(cfg, ckpt_dir / "student_kd.pt", "02_distill.py")
-    if "qat_models" in cfg.given:  # the user named them: they must be there
-        for name in qat_names:
-            files.require(ckpt_dir / f"{name}.pt", "03_prune.py" if "pruned" in name else "02_distill.py")
+    for name in qat_names if "qat_models" in cfg.given else []:  # the user named them: they must be there
+        files.require(ckpt_dir / f"{name}.pt", "03_prune.py" if "pruned" in name else "02_distill.py")
     adopt_teacher_settings(cfg, recorded["metrics"], cfg.qat_epochs)
     qat_paths = {(name, v): ckpt_dir / (f"{name}.qat.{v}.pt" if v else f"{name}.ft.pt")  # v None: the control
                  for name in qat_names for v in [None, *qat_variants] if (ckpt_dir / f"{name}.pt").exists()}
@@ -200,7 +191,8 @@ def main():
         decoded = common.load_model(files.new_path(plain))[0]
         val, select = score.both(decoded, preprocess)
         sizes = files.file_bytes(files.new_path(plain)), files.file_bytes(files.new_path(packed))
-        rows.append({"model": name, "variant": variant, "bytes_plain": sizes[0], "bytes_zip": sizes[1],
+        rows.append({"model": name, "variant": variant, "label": f"{name}.{variant}".replace("student_", ""),
+                     "bytes_plain": sizes[0], "bytes_zip": sizes[1],
                      "bytes": min(sizes), "path": plain if sizes[0] <= sizes[1] else packed,
                      "val": val, "select": select, "from": source})
         records.append(common.model_record("4 quantization", f"{name}.{variant}", decoded, files.new_path(plain),
@@ -217,7 +209,7 @@ def main():
             continue
         model, preprocess, _ = load(name)
         val, select = (kd_val, kd_select) if name == "student_kd" else score.both(model, preprocess)
-        rows.append({"model": name, "variant": "fp32 .pt", "bytes": files.file_bytes(path), "path": path,
+        rows.append({"model": name, "variant": "fp32 .pt", "label": path.name, "bytes": files.file_bytes(path), "path": path,
                      "val": val, "select": select, "from": name})
         for variant in variants:
             quantize(name, variant, model, preprocess, name)
@@ -247,23 +239,16 @@ def main():
     # --- the frontier, and the final model: the smallest file close to student_kd on selection
     reports.pareto(rows)
     budget = (cfg.max_bytes, "bytes")
-    final = common.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", budget)
-    table = [{"file": r["path"].name, "bytes": r["bytes"], reports.VAL_COLUMN: r["val"], SELECT_COLUMN: r["select"],
-              "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""}
-             for r in sorted(rows, key=lambda r: r["bytes"])]
-    print(f"\nevery file, smallest first (accuracy after decoding, fp32; validation {kd_val.n} images, selection "
-          f"{len(data.select.labels)}; front: no smaller file is as accurate on validation)")
-    print(reports.format_table(table, list(table[0])))
+    final = choose.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", budget)
+    reports.print_files(rows, final, kd_val.n, len(data.select.labels))
     print_qat_gain(rows, qat_paths)
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
           f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; {final['chosen_by']})")
     plot = ckpt_dir / "frontier.png"
-    for r in rows:
-        r["label"] = r["path"].name if r["variant"] == "fp32 .pt" else f"{r['model']}.{r['variant']}".replace("student_", "")
-        r["acc"], r["ci"] = r["val"].acc, r["val"].interval()
-    kd_file = [r for r in rows if r["path"] == ckpt_dir / "student_kd.pt"]
-    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final, kd_file)
+    teacher = reports.recorded_val(files.read_results(ckpt_dir), "teacher_resnet18", kd_val.key)
+    plots.plot_frontier(files.new_path(plot), rows, kd_val.acc, final, [r for r in rows if r["label"] == "student_kd.pt"],
+                        teacher and teacher.acc)
     records.append({"stage": "4 quantization", "model": "final", "file": final["path"].name,
                     "bytes": final["bytes"], **reports.score_fields(final["val"]),
                     "select_acc": round(final["select"].acc, 4), "select_loss": round(final["select"].loss, 4),
@@ -277,14 +262,10 @@ def main():
              + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
 
 
-SELECT_COLUMN = "selection acc [95% CI]"
-
-
 def print_qat_gain(rows, qat_paths):
-    """What quantization-aware fine-tuning bought, on the same validation images: each QAT file
-    against post-training quantization of the same model at the same layout, and against the
-    control, the same epochs of fine-tuning in float followed by post-training quantization
-    (which separates training through the codes from training longer)."""
+    """What QAT bought, on the same validation images: each QAT file against post-training
+    quantization of the same model and layout, and against the control (the same epochs in float,
+    then post-training quantization: training through the codes apart from training longer)."""
     by = {(r["model"], r["variant"]): r["val"] for r in rows}
     pairs = [reports.paired_row(f"{name}{kind}.{v}{note}", by[f"{name}{kind}", v], f"{name}.qat.{v}", by[f"{name}.qat", v])
              for name, v in qat_paths if v

@@ -117,22 +117,25 @@ def plot_rounds(path, rows, kd, kept=None):
     save_png(path, fig)
 
 
-def plot_frontier(path, files, kd_acc, final, named=()):
+def plot_frontier(path, files, kd_acc, final, named=(), teacher_acc=None):
     """Validation accuracy against file bytes (log scale), each file with its 95% interval: the
-    front (no smaller file is as accurate) joined, the final file ringed, student_kd's accuracy a
-    line. Labelled: the front, the final file and `named` (the files a reader compares them
-    with); the other files are grey dots. files: {bytes, acc, ci, label, front}; final, named:
-    some of them."""
+    front (no smaller file is as accurate) joined, the final file ringed, student_kd's and the
+    teacher's accuracies lines. Labelled: the front, the final file and `named` (the files a
+    reader compares them with); the other files are grey dots. files: {bytes, val (a Score),
+    label, front}; final, named: some of them."""
+    def point(f):
+        return f["bytes"], f["val"].acc, f["val"].interval()
     fig, ax = plt.subplots(figsize=(9, 5.6), layout="constrained")
     front = sorted((f for f in files if f["front"]), key=lambda f: f["bytes"])
     rest = [f for f in files if not f["front"]]
-    with_interval(ax, [(f["bytes"], f["acc"], f["ci"]) for f in rest], GREY, fmt="o", markersize=4, linewidth=0.8,
+    with_interval(ax, [point(f) for f in rest], GREY, fmt="o", markersize=4, linewidth=0.8,
                   alpha=0.6, label="other files (95% CI)")
-    with_interval(ax, [(f["bytes"], f["acc"], f["ci"]) for f in front], BLUE, fmt="o-", capsize=3,
-                  label="the front (95% CI)")
+    with_interval(ax, [point(f) for f in front], BLUE, fmt="o-", capsize=3, label="the front (95% CI)")
     ax.axhline(kd_acc, color=RED, linestyle="--", linewidth=1, label=f"student_kd ({kd_acc:.3f})")
-    ax.scatter([final["bytes"]], [final["acc"]], s=220, facecolors="none", edgecolors=RED, linewidths=2, zorder=3,
-               label=f"final file: {final['label']}")
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, color="black", linestyle=":", linewidth=1, label=f"teacher ({teacher_acc:.3f})")
+    ax.scatter([final["bytes"]], [final["val"].acc], s=220, facecolors="none", edgecolors=RED, linewidths=2,
+               zorder=3, label=f"final file: {final['label']}")
     log_x(ax, "file bytes", [f["bytes"] for f in files])
     ax.set_ylabel("validation accuracy")
     ax.set_title("every file: validation accuracy vs bytes")
@@ -140,7 +143,7 @@ def plot_frontier(path, files, kd_acc, final, named=()):
     ax.legend(loc="lower right", fontsize=8)
     space_tick_labels(ax)
     labelled = list({id(f): f for f in [*front, final, *named]}.values())
-    label_points(ax, [(f["bytes"], f["acc"]) for f in labelled], [f["label"] for f in labelled])
+    label_points(ax, [point(f)[:2] for f in labelled], [f["label"] for f in labelled])
     save_png(path, fig)
 
 

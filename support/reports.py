@@ -51,6 +51,13 @@ def recorded_score(record):
         return None
 
 
+def recorded_val(rows, model, key):
+    """The validation Score the results log holds for `model`, if it was scored on the images of
+    `key` (those of this run), else None."""
+    scores = [recorded_score(r) for r in rows if r.get("model") == model]
+    return next((s for s in scores if s is not None and s.key == key), None)
+
+
 def submission_ids(names):
     """The course's Id of each test file, its number (0000.jpg -> 0); None when the files are
     not all named by number."""
@@ -106,6 +113,16 @@ def print_summary(ckpt_dir, chosen_on, val_images):
         print(f"\neach stage against the one before, and the final file against student_kd, on the same "
               f"{val_images} validation images (paired bootstrap interval, exact McNemar test)")
         print(format_table(pairs, list(pairs[0])))
+
+
+def print_files(rows, final, val_images, select_images):
+    """04's table of every file, smallest first, the final one marked."""
+    table = [{"file": r["path"].name, "bytes": r["bytes"], VAL_COLUMN: r["val"], "selection acc [95% CI]": r["select"],
+              "select loss": round(r["select"].loss, 4), "front": r["front"], "final": "<-" if r is final else ""}
+             for r in sorted(rows, key=lambda r: r["bytes"])]
+    print(f"\nevery file, smallest first (accuracy after decoding, fp32; validation {val_images} images, selection "
+          f"{select_images}; front: no smaller file is as accurate on validation)")
+    print(format_table(table, list(table[0])))
 
 
 def pareto(rows):

@@ -433,16 +433,27 @@ def test_the_rounds_plot_keeps_its_labels_apart_and_rings_the_round_kept(tmp_pat
     assert "kept: keep 0.49 (student_pruned.pt)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
 
+class Val:
+    """A Score as the plots read it: an accuracy and its 95% interval."""
+
+    def __init__(self, acc, ci):
+        self.acc, self.ci = acc, ci
+
+    def interval(self):
+        return self.ci
+
+
 def test_the_frontier_labels_the_files_compared_apart_with_their_intervals(tmp_path, monkeypatch):
-    files = [{"bytes": 30_000 * 1.01 ** k, "acc": 0.5 + 0.001 * (k % 5), "ci": (0.45, 0.56), "label": f"file{k}",
+    files = [{"bytes": 30_000 * 1.01 ** k, "val": Val(0.5 + 0.001 * (k % 5), (0.45, 0.56)), "label": f"file{k}",
               "front": k % 3 == 0} for k in range(30)]
-    kd = {"bytes": 1_000_000, "acc": 0.55, "ci": (0.5, 0.6), "label": "student_kd.pt", "front": False}
-    fig, renderer = drawn(monkeypatch, plots.plot_frontier, tmp_path / "f.png", files + [kd], 0.55, files[4], [kd])
+    kd = {"bytes": 1_000_000, "val": Val(0.55, (0.5, 0.6)), "label": "student_kd.pt", "front": False}
+    fig, renderer = drawn(monkeypatch, plots.plot_frontier, tmp_path / "f.png", files + [kd], 0.55, files[4], [kd], 0.53)
     ax = fig.axes[0]
     assert sorted(t.get_text() for t in ax.texts) == sorted([f"file{k}" for k in range(0, 30, 3)] + ["file4", "student_kd.pt"])
     assert apart(label_boxes(ax, renderer))
     bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
     assert sum(len(c.lines[2][0].get_segments()) for c in bars) == len(files) + 1  # every file's 95% interval
+    assert "teacher (0.530)" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 # --- Ctrl-C inside a write, and just after a stage has written ----------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from support import files, images, reports, running, settings, stats
+from support import choose, files, images, reports, running, settings, stats
 from support.resume import Resumable
 from conftest import load_script
 
@@ -96,20 +96,20 @@ def test_the_round_or_file_is_chosen_on_selection_not_validation(capsys):
             {"params": 50, "val": 0.50, "select": selection_score(8, [1.01] * 10)},
             {"params": 20, "val": 0.95, "select": selection_score(9, [1.5] * 10)}]
     by_loss = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
-    assert common.smallest_close(rows, lambda r: r["params"], kd, by_loss, "round")["params"] == 50
-    assert common.smallest_close(rows, lambda r: r["params"], kd, by_loss.but(max_loss_rise=0.6), "round")["params"] == 20
+    assert choose.smallest_close(rows, lambda r: r["params"], kd, by_loss, "round")["params"] == 50
+    assert choose.smallest_close(rows, lambda r: r["params"], kd, by_loss.but(max_loss_rise=0.6), "round")["params"] == 20
     by_acc = by_loss.but(choose_by="acc")
-    assert common.smallest_close(rows, lambda r: r["params"], kd, by_acc, "round")["params"] == 20
-    assert common.smallest_close(rows[:1], lambda r: r["params"], kd, by_acc, "round")["params"] == 100
+    assert choose.smallest_close(rows, lambda r: r["params"], kd, by_acc, "round")["params"] == 20
+    assert choose.smallest_close(rows[:1], lambda r: r["params"], kd, by_acc, "round")["params"] == 100
     assert "no round passes the rule (selection accuracy at most 0.01 below" in capsys.readouterr().err
     broken = {"params": 10, "select": selection_score(9, [float("nan")] * 10)}
-    assert common.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round")["params"] == 20
+    assert choose.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round")["params"] == 20
     with pytest.raises(running.UserError, match="every round scored NaN"):
-        common.smallest_close([broken, broken], lambda r: r["params"], kd, by_loss, "round")
+        choose.smallest_close([broken, broken], lambda r: r["params"], kd, by_loss, "round")
     budget = (15, "params")  # none but the broken one fits: the smallest that scored
-    assert common.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round", budget)["params"] == 20
+    assert choose.smallest_close([broken, rows[2]], lambda r: r["params"], kd, by_loss, "round", budget)["params"] == 20
     fewer_rows = [rows[0], {**rows[1], "select": selection_score(8, [1.03] * 10)}]
-    assert common.smallest_close(fewer_rows, lambda r: r["params"], kd, by_loss, "file")["params"] == 100
+    assert choose.smallest_close(fewer_rows, lambda r: r["params"], kd, by_loss, "file")["params"] == 100
     assert "no file passes" not in capsys.readouterr().err
 
 
@@ -119,7 +119,7 @@ def test_the_chosen_row_says_what_chose_it():
     rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
 
     def why(rule, budget=0):
-        return common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (budget, "bytes"))["chosen_by"]
+        return choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (budget, "bytes"))["chosen_by"]
     assert why(rule) == "the rule: the smallest file with selection loss at most 2% above student_kd's"
     assert why(rule, 40_000) == ("the best on selection (none passed the rule: selection loss at most 2% above "
                                  "student_kd's, of at most 40,000 bytes)")
@@ -133,7 +133,7 @@ def test_a_budget_keeps_the_rule_among_the_rows_that_fit(capsys):
     rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
 
     def chosen(rule, budget):
-        return common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", limit=(budget, "bytes"))["bytes"]
+        return choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", limit=(budget, "bytes"))["bytes"]
     assert chosen(rule, 0) == 39_000  # no budget: the smallest within 2%
     assert chosen(rule, 50_000) == 39_000
     assert chosen(rule, 39_000) == 39_000  # "at most": a file of exactly the budget fits
@@ -156,7 +156,7 @@ def test_a_file_exactly_max_acc_drop_below_student_kd_passes_and_one_image_more_
         for right in range(allowed + 1, n + 1):
             def chosen(small_right):
                 rows = [{"bytes": 2, "select": score(right)}, {"bytes": 1, "select": score(small_right)}]
-                return common.smallest_close(rows, lambda r: r["bytes"], score(right), rule, "file")["bytes"]
+                return choose.smallest_close(rows, lambda r: r["bytes"], score(right), rule, "file")["bytes"]
             assert chosen(right - allowed) == 1, (drop, right)
             assert chosen(right - allowed - 1) == 2, (drop, right)
 
@@ -168,8 +168,8 @@ def test_a_non_finite_student_kd_loss_is_an_error_not_a_choice(loss):
             {"bytes": 10, "select": selection_score(2, [9.0] * 10)}]
     rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
     with pytest.raises(running.UserError, match="student_kd's selection loss is not finite .*--choose_by=acc"):
-        common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file")
-    assert common.smallest_close(rows, lambda r: r["bytes"], kd, rule.but(choose_by="acc"), "file")["bytes"] == 90
+        choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file")
+    assert choose.smallest_close(rows, lambda r: r["bytes"], kd, rule.but(choose_by="acc"), "file")["bytes"] == 90
 
 
 def test_when_only_files_that_scored_nan_fit_the_budget_the_warning_says_so(capsys):
@@ -177,7 +177,7 @@ def test_when_only_files_that_scored_nan_fit_the_budget_the_warning_says_so(caps
     rows = [{"bytes": 10_000, "select": selection_score(8, [math.nan] * 10)},
             {"bytes": 30_000, "select": selection_score(8, [1.0] * 10)}]
     rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
-    assert common.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (20_000, "bytes"))["bytes"] == 30_000
+    assert choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (20_000, "bytes"))["bytes"] == 30_000
     assert "no file of at most 20,000 bytes scored a number on the selection split (those that fit scored NaN); " \
         "keeping the smallest that did (30,000 bytes)" in capsys.readouterr().err
 
