@@ -1,21 +1,27 @@
 """The README's sample table is what its main command prints: the command is run, exactly as
 written, in a clean copy of the repository (no data/food-11, so the generated sample).
 
-Another CPU rounds differently (its kernels, its threads) and so trains other models from the
-same seed: the table's numbers are compared where the machine's arithmetic is that of the one
-they were measured on (README_ARITHMETIC); elsewhere, with a warning, its shape, the untrained
-sizes, and that every stage learned."""
+Another CPU, torch or thread count rounds differently (its kernels, its threads) and so trains
+other models from the same seed: the table is compared number for number where the machine's
+arithmetic is that of the one it was measured on (README_MACHINE). Elsewhere the test fails,
+naming both machines, unless README_TABLE_ELSEWHERE=1 is set (.ci/run says so): then it checks
+what holds on any machine (the rows, the untrained sizes, bytes shrinking stage by stage, every
+accuracy within 10 points of the README's) and skips, saying that the numbers were not compared."""
+import os
 import re
 import shutil
 import subprocess
 import sys
-import warnings
+
+import pytest
 
 from conftest import HANG, REPO
 from support import files, reports
 
 SAMPLE_TABLE_HEAD = "| model | params | bytes | val acc [95% CI] |"
-README_ARITHMETIC = "ff9ed3af07623270"  # arithmetic_key() where the README's sample table was measured
+# arithmetic_key() on the machine where the README's sample table was measured: an AMD EPYC, 2 cores
+README_MACHINE = "ff9ed3af07623270 torch 2.14.1 AVX2 2 threads"
+ELSEWHERE = "README_TABLE_ELSEWHERE"
 
 ARITHMETIC = """
 import hashlib, torch, torch.nn as nn, torch.nn.functional as F, torchvision
@@ -35,18 +41,18 @@ for model in (student, torchvision.models.resnet18(num_classes=11)):
         opt.step()
     for p in model.parameters():
         h.update(p.detach().contiguous().numpy().tobytes())
-print(h.hexdigest()[:16], torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+print(h.hexdigest()[:16], "torch", torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "threads")
 """
 
 
 def arithmetic_key(repo):
     """A digest of a few training steps of layers like the student's and of the teacher, run in a
-    fresh process with default threads, and the torch, vector unit and thread count it ran on.
-    It runs no code of ours: a change to our training changes the table, not this key, so on the
-    machine the table was measured on a stale table fails the test."""
+    fresh process with default threads, with the torch version, vector unit and thread count it
+    ran with. It runs no code of ours: a change to our training changes the table, not this key,
+    so on the machine the table was measured on a stale table fails the test."""
     run = subprocess.run([sys.executable, "-c", ARITHMETIC], cwd=repo, capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr
-    return run.stdout.split()
+    return run.stdout.strip()
 
 
 def sample_table(ckpt_dir):
@@ -78,22 +84,43 @@ def test_the_readme_sample_table_is_what_the_main_command_prints(tmp_path):
     command = main_command().replace("python ", f"{sys.executable} ")
     run = subprocess.run(command, shell=True, cwd=clean, capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr
-    table = sample_table(clean / "checkpoints" / "sample")
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    key, *machine = arithmetic_key(clean)
-    if key == README_ARITHMETIC:
+    judge(sample_table(clean / "checkpoints" / "sample"), (REPO / "README.md").read_text(encoding="utf-8"),
+          arithmetic_key(clean), os.environ.get(ELSEWHERE) == "1")
+
+
+def judge(table, readme, key, elsewhere):
+    """Number for number on the README's machine; elsewhere a failure, or with the opt-out what
+    any machine gives, and a skip that says so."""
+    if key == README_MACHINE:
         assert table in readme, f"the README's sample table is now:\n{table}"
-    else:  # measured elsewhere: the same rows, and the sizes no training changes
-        start = readme.index(SAMPLE_TABLE_HEAD, readme.index("## On the generated sample"))
-        written = readme[start:readme.index("\n\n", start)]
-        assert [shape(line) for line in table.splitlines()] == [shape(line) for line in written.splitlines()], (
-            f"the README's sample table, on this machine (arithmetic {key}):\n{table}")
-        for mine, theirs in zip(table.splitlines()[2:5], written.splitlines()[2:5]):
-            assert untrained(mine) == untrained(theirs)
-        accuracies = [float(line.split("|")[4].split()[0]) for line in table.splitlines()[2:]]
-        assert min(accuracies) > 0.5, f"a stage learned little (11 classes):\n{table}"
-        warnings.warn(f"the README's sample table was compared by shape only: this machine's arithmetic is "
-                      f"{key} (torch {' / '.join(machine)}), the table's {README_ARITHMETIC}")
+        return
+    if not elsewhere:
+        pytest.fail(f"this machine's arithmetic is {key}, the README's sample table was measured on {README_MACHINE}: "
+                    f"run the tests on such a machine, or re-measure the table here and set README_MACHINE, or set "
+                    f"{ELSEWHERE}=1 to check only what any machine gives. This machine's table:\n{table}")
+    check_what_any_machine_gives(table, readme)
+    pytest.skip(f"{ELSEWHERE}=1: the README's sample table was not compared number for number (this machine's "
+                f"arithmetic is {key}, the table's {README_MACHINE}); its rows, sizes and accuracies within 10 points were")
+
+
+def check_what_any_machine_gives(table, readme):
+    """The same rows, the untrained sizes, bytes shrinking from stage to stage and every accuracy
+    within 10 points of the README's."""
+    start = readme.index(SAMPLE_TABLE_HEAD, readme.index("## On the generated sample"))
+    written = readme[start:readme.index("\n\n", start)]
+    mine, theirs = table.splitlines()[2:], written.splitlines()[2:]
+    assert [shape(line) for line in table.splitlines()] == [shape(line) for line in written.splitlines()], (
+        f"the README's sample table, on this machine:\n{table}")
+    for a, b in zip(mine[:3], theirs[:3]):
+        assert untrained(a) == untrained(b)
+    sizes = [int(line.split("|")[3].replace(",", "")) for line in mine]
+    assert sizes[0] > sizes[2] > sizes[3] > sizes[4], f"bytes do not shrink stage by stage:\n{table}"
+    for a, b in zip(mine, theirs):
+        assert abs(accuracy(a) - accuracy(b)) <= 0.10, f"an accuracy moved more than 10 points:\n{table}"
+
+
+def accuracy(line):
+    return float(line.split("|")[4].split()[0])
 
 
 def shape(line):
@@ -104,3 +131,32 @@ def shape(line):
 def untrained(line):
     """A teacher/student row's name, parameter count and file bytes (not its accuracy)."""
     return line.rsplit("|", 2)[0]
+
+
+TABLE = """| model | params | bytes | val acc [95% CI] |
+|---|---:|---:|---|
+| teacher ResNet18 (trained from scratch: no ImageNet weights offline) | 11,181,642 | 44,801,035 | 0.9000 [0.85, 0.93] |
+| student from scratch | 256,522 | 1,055,563 | 0.8000 [0.75, 0.84] |
+| student distilled | 256,522 | 1,055,755 | 0.8500 [0.80, 0.89] |
+| pruned, keep 0.8 (`student_pruned.pt`) | 164,000 | 670,000 | 0.8400 [0.79, 0.88] |
+| final model: `student_pruned.q8.z.npz` | 164,000 | 160,000 | 0.8400 [0.79, 0.88] |"""
+
+
+def readme_with(table):
+    return f"# food-compress\n\n## On the generated sample\n\n{table}\n\nmore\n"
+
+
+def test_a_wrong_readme_never_passes_on_another_machine():
+    other = "0000000000000000 torch 2.14.1 AVX512 2 threads"
+    with pytest.raises(pytest.fail.Exception, match="README_TABLE_ELSEWHERE=1"):  # no silent shape check
+        judge(TABLE, readme_with(TABLE), other, elsewhere=False)
+    with pytest.raises(pytest.skip.Exception, match="not compared number for number"):
+        judge(TABLE, readme_with(TABLE), other, elsewhere=True)
+    edited = TABLE.replace("0.8500 [0.80, 0.89]", "0.5100 [0.47, 0.55]")  # the distilled accuracy
+    with pytest.raises(AssertionError, match="more than 10 points"):
+        judge(TABLE, readme_with(edited), other, elsewhere=True)
+    grown = TABLE.replace("| 160,000 |", "| 900,000 |")  # a final file larger than the pruned one
+    with pytest.raises(AssertionError, match="shrink"):
+        judge(grown, readme_with(grown), other, elsewhere=True)
+    with pytest.raises(AssertionError, match="is now"):  # and on the README's machine, every number
+        judge(TABLE, readme_with(edited), README_MACHINE, elsewhere=False)

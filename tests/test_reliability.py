@@ -530,7 +530,7 @@ def test_a_state_of_another_starting_model_is_not_resumed(sample_root, tmp_path)
 
 def test_fit_keeps_its_last_epoch_though_an_earlier_one_scored_better(sample_root, tmp_path, capsys):
     """The selection split chooses among the files of 03 and 04; a fit that kept its best epoch
-    there would enter that choice with an optimistic edge (issue 18, item 3)."""
+    there would enter that choice with an optimistic edge."""
     data = common.load_data(sample_root, 18, select_fraction=0.1)
     out = Resumable(tmp_path / "m.pt", {"resume": False})
     ce = common.cross_entropy()
