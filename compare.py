@@ -16,6 +16,7 @@ teacher beside the first.
 import sys
 from pathlib import Path
 
+import common  # first: Ctrl-C during the slow imports is then a clean exit
 import numpy as np
 
 from support import files, reports
@@ -71,7 +72,6 @@ def check_same_images(runs_read):
 
 def preprocessing_of(folder, cfg):
     """A run's preprocessing, in words, as its student_kd.pt records it."""
-    import common  # here: the other modes of this script need no PyTorch before their work
     path = Path(folder) / "student_kd.pt"
     return describe_preprocess(common.load_model(path)[1], cfg) if path.exists() else "no student_kd.pt"
 
@@ -167,7 +167,6 @@ def paired_text(a, b):
 def scoring(cfg, students):
     """(score, the teacher's validation Score): score(model, preprocess) is a validation Score;
     the teacher is the file beside the students, which must share it."""
-    import common  # here: comparing runs needs no PyTorch
     teachers = {files.file_sha1(Path(p).parent / files.TEACHER_FILE) for p in students}
     if len(teachers) != 1:
         raise UserError("the models were distilled from different teacher files (or one has none beside it)")
@@ -182,7 +181,6 @@ def scoring(cfg, students):
 
 
 def score_file(score, path):
-    import common
     return score(*common.load_model(path, "student")[:2])
 
 

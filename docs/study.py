@@ -4,7 +4,8 @@ teacher; scored as compare.py --models scores files.
 
 Every folder PE (E = the epochs) that holds student_kd.pt (02 --epochs=E) and, where present,
 student_scratch.pt (01 --epochs=E): a table per E and a plot of validation accuracy against
-epochs (docs/epochs.png). To compare any files: python compare.py --data_dir=... --models=A,B,...
+epochs (docs/epochs.png). --models=A,B,... is compare.py --models (each file against the first and
+the teacher), kept here for the commands docs/results.md records.
 
     python docs/study.py --data_dir=../shared/data/food101-10 --prefix=checkpoints/ep
 """
@@ -17,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import compare  # noqa: E402  (after the repository joins the path)
 from support import plots, reports  # noqa: E402
 from support.running import UserError, run  # noqa: E402
-from support.settings import configure  # noqa: E402
+from support.settings import configure, parse_list  # noqa: E402
 
 prefix = ""  # the patience study's folders: <prefix>10, <prefix>20, ...
+models = ""  # or files to compare, comma-separated, as compare.py --models does
 data_dir = ""  # the data set the models were trained on (required)
 img_size = 112  # only for a model that records no preprocessing
 resize = 0
@@ -64,8 +66,10 @@ def patience(folders, score, teacher_val, plot):
 
 def main():
     cfg = configure(globals())
-    if not cfg.data_dir or not cfg.prefix:
-        raise UserError("give --data_dir=PATH (the models' data set) and --prefix=P (the folders P10, P20, ...)")
+    if not cfg.data_dir or bool(cfg.models) == bool(cfg.prefix):
+        raise UserError("give --data_dir=PATH (the models' data set) and one of --models=A,B,... or --prefix=P")
+    if cfg.models:
+        return compare.print_models([Path(p) for p in parse_list(cfg.models, "models")], cfg)
     folders = study_folders(cfg.prefix)
     score, teacher_val = compare.scoring(cfg, [f / "student_kd.pt" for f in folders.values()])
     patience(folders, score, teacher_val, cfg.plot)

@@ -1,5 +1,4 @@
-"""docs/study.py: the patience study's table and plot, read from finished runs (scored as compare.py
---models scores files: tests/test_compare.py)."""
+"""docs/study.py: the recipe studies' tables and the patience plot, read from finished runs."""
 import shutil
 
 from conftest import run_script
@@ -21,6 +20,11 @@ def test_the_patience_study_reads_each_epochs_folder_and_draws_the_plot(pipeline
     rows = [line.split(maxsplit=1) for line in run.stdout.splitlines() if line[:1].isdigit()]
     assert [r[0] for r in rows] == ["2", "5"] and rows[0][1] == rows[1][1]  # copies: the same scores
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    models = f"--models={tmp_path / 'ep2' / 'student_kd.pt'},{tmp_path / 'ep5' / 'student_scratch.pt'}"
+    run = run_script("docs/study.py", f"--data_dir={sample_root}", models, "--device=cpu",
+                     f"--cache_dir={tmp_path / 'cache'}")
+    assert run.returncode == 0, run.stderr
+    assert "minus the first" in run.stdout and "minus the teacher" in run.stdout
 
 
 def test_the_study_says_what_it_needs_in_one_line(tmp_path, sample_root):
