@@ -1,5 +1,6 @@
-"""Reports: tables, the rows that compare two models, the records of the results log and the
-table of every stage, the course's predictions file."""
+"""Reports: tables (aligned, or Markdown to paste), the rows that compare two models, the records
+of the results log, the table of every stage and the run's table (the five models a reader wants,
+each against the row before), the course's predictions file."""
 import csv
 import io
 from pathlib import Path
