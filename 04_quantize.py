@@ -7,7 +7,8 @@ quantization-aware fine-tuning (QAT) through the very codes the file will hold, 
 keep what post-training quantization loses. Files: support/qfile.py. The final model is the
 smallest file close to student_kd on the selection split (support/choose.py), of at most
 max_bytes if given; validation only reports. Prints and draws every file (frontier.png), what
-QAT bought, writes predictions.csv, and ends with the table of every stage.
+QAT bought, writes predictions.csv, prints every stage, and ends with the run's table (what
+`python compare.py RUN` prints: teacher, scratch, distilled, pruned, final, each against the row before).
 
     python 04_quantize.py
 """
@@ -241,7 +242,7 @@ def main():
     budget = (cfg.max_bytes, "bytes")
     final = choose.smallest_close(rows, lambda r: r["bytes"], kd_select, cfg, "file", budget)
     reports.print_files(rows, final, kd_val.n, len(data.select.labels))
-    print_qat_gain(rows, qat_paths)
+    reports.print_qat_gain(rows, qat_paths)
     print(f"\nfinal model, chosen on {data.chosen_on}: {final['path'].name}: {final['bytes']:,} bytes, "
           f"val acc {final['val']} (selection loss {final['select'].loss:.4f}, acc {final['select'].acc:.4f}; "
           f"student_kd {kd_select.loss:.4f} and {kd_select.acc:.4f} there; {final['chosen_by']})")
@@ -258,21 +259,9 @@ def main():
     written = files.publish(ckpt_dir, outputs, records, finished=[Resumable(p, cfg).state for p in qat_paths.values()],
                             replaces_outputs=True)
     reports.print_summary(ckpt_dir, data.chosen_on, data.val.labels.numel())
+    print("\n" + reports.run_table_text(files.read_results(ckpt_dir)))
     say_last(f"\nwrote {len(outputs)} files in {ckpt_dir} (*.npz, *.z.npz, frontier.png"
              + (", predictions.csv" if data.test is not None else "") + f") and {written[-1]}")
-
-
-def print_qat_gain(rows, qat_paths):
-    """What QAT bought, on the same validation images: each QAT file against post-training
-    quantization of the same model and layout, and against the control (the same epochs in float,
-    then post-training quantization: training through the codes apart from training longer)."""
-    by = {(r["model"], r["variant"]): r["val"] for r in rows}
-    pairs = [reports.paired_row(f"{name}{kind}.{v}{note}", by[f"{name}{kind}", v], f"{name}.qat.{v}", by[f"{name}.qat", v])
-             for name, v in qat_paths if v
-             for kind, note in (("", " (post-training)"), (".ft", " (float fine-tune, post-training)"))]
-    if pairs:
-        print("\nquantization-aware fine-tuning against post-training quantization, same model and bits")
-        print(reports.format_table(pairs, list(pairs[0])))
 
 
 def write_submission(path, written_now, data, cfg, ckpt_dir, device):

@@ -10,7 +10,7 @@ convolutions. And a static int8 version of each (QDQ, per channel, activation ra
 on training images). Checks that ONNX Runtime predicts what the decoded PyTorch model predicts
 on validation, then times every model in PyTorch (eager, channels_last) and ONNX Runtime (fp32,
 int8) on the same pinned threads, interleaved: latency at batch 1, throughput at batch 64, as
-ratios to student_kd in PyTorch.
+ratios to student_kd in PyTorch; ends with each model in its fastest runtime.
 predict.py classifies a folder of images with one .onnx file, without PyTorch.
 
     python 05_deploy.py
@@ -184,7 +184,7 @@ def main():
 
 def print_speed(rows, times, reference, batch, cfg):
     """The table of every model in every runtime, the ratios to `reference` in PyTorch eager,
-    and each runtime's accuracy against it, paired."""
+    each runtime's accuracy against it, paired, and last each model in its fastest runtime."""
     base_one, base_many = (np.median(t) for t in times[reference, "PyTorch eager"])
     table = []
     for r in rows:
@@ -194,16 +194,24 @@ def print_speed(rows, times, reference, batch, cfg):
                       f"img/s @{batch}": f"{batch / np.median(many):,.0f} ({batch / max(many):,.0f}-{batch / min(many):,.0f})",
                       "speed @1": f"{base_one / np.median(one):.2f}x", f"speed @{batch}":
                       f"{base_many / np.median(many):.2f}x", "file bytes": files.file_bytes(r["file"]),
-                      reports.VAL_COLUMN: r["val"], "agrees with PyTorch": r.get("agrees", "")})
+                      reports.VAL_COLUMN: r["val"], "agrees with PyTorch": r.get("agrees", ""), "_ms": np.median(one)})
     print(f"\n{cfg.threads} threads in every runtime; {cfg.repeats} interleaved rounds, median (min-max); speed: "
           f"against {reference} in PyTorch eager, measured in this run")
-    print(reports.format_table(table, list(table[0])))
+    print(reports.format_table(table, [c for c in table[0] if c != "_ms"]))
     base = rows[0]["val"]
     pairs = [reports.paired_row(f"{reference}, PyTorch", base, f"{r['model']}, {r['runtime']}", r["val"])
              for r in rows[1:] if r["runtime"] != "PyTorch channels_last"]
     if pairs:
         print(f"\nagainst {reference} in PyTorch, on the same {base.n} validation images")
         print(reports.format_table(pairs, list(pairs[0])))
+    fastest = {}
+    for row in table:
+        if row["model"] not in fastest or row["_ms"] < fastest[row["model"]]["_ms"]:
+            fastest[row["model"]] = row
+    print(f"\neach model in its fastest runtime at batch 1: speed against {reference} in PyTorch eager, "
+          f"{cfg.threads} threads; accuracy on the {base.n} validation images")
+    print(reports.markdown_table(list(fastest.values()), ["model", "runtime", "ms @1", "speed @1", f"speed @{batch}",
+                                                          "file bytes", reports.VAL_COLUMN]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Reports: tables, the rows that compare two models, the records of the results log and the
-table of every stage, the course's predictions file."""
+"""Reports: tables (aligned, or Markdown to paste), the rows that compare two models, the records
+of the results log, the table of every stage and the run's table (the five models a reader wants,
+each against the row before), the course's predictions file."""
 import csv
 import io
 from pathlib import Path
@@ -12,13 +13,15 @@ VAL_COLUMN = "val acc [95% CI]"
 COLUMNS = ("stage", "model", "params", "bytes", "macs", VAL_COLUMN)
 
 
+def cell(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return ""
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
 def format_table(rows, columns=COLUMNS):
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        if v is None:
-            return ""
-        return f"{v:,}" if isinstance(v, int) else str(v)
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -28,12 +31,32 @@ def format_table(rows, columns=COLUMNS):
     return "\n".join(lines)
 
 
+def markdown_table(rows, columns):
+    """A table to paste into Markdown: | cells |, columns of whole numbers right-aligned."""
+    whole = [all(isinstance(r.get(c), int) or r.get(c) in (None, "") for r in rows) for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if w else "---" for w in whole) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
+
+
+def difference_text(d):
+    lo, hi = d["ci"]
+    return f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def paired_row(name_a, a, name_b, b):
     """A table row: how model b differs from model a on the same validation images."""
     d = paired(a, b)
-    lo, hi = d["ci"]
-    return {"comparison": f"{name_b} - {name_a}", "difference [95% CI]": f"{d['diff']:+.4f} [{lo:+.3f}, {hi:+.3f}]",
+    return {"comparison": f"{name_b} - {name_a}", "difference [95% CI]": difference_text(d),
             "McNemar p": f"{d['p']:.3g}", "right only before / after": f"{d['only_a']} / {d['only_b']}"}
+
+
+def paired_cells(a, b, column):
+    """b against a as two cells, `column` (the difference [95% CI]) and McNemar p; none where
+    either has no per-image outcome or the two were scored on other images."""
+    if a is None or b is None or a.key != b.key or a.n != b.n:
+        return {}
+    d = paired(a, b)
+    return {column: difference_text(d), "McNemar p": f"{d['p']:.3g}"}
 
 
 def score_fields(val):
@@ -115,6 +138,63 @@ def print_summary(ckpt_dir, chosen_on, val_images):
         print(format_table(pairs, list(pairs[0])))
 
 
+# ---- the run's table: the five models a reader wants, each against the row before ---------------
+
+# (row name, results-log model, its file; the final row's file is the one its record names)
+STAGES = (("teacher", "teacher_resnet18", files.TEACHER_FILE), ("scratch", "student_scratch", "student_scratch.pt"),
+          ("distilled", "student_kd", "student_kd.pt"), ("pruned", "student_pruned", "student_pruned.pt"),
+          ("final", "final", None))
+AGAINST_BEFORE = "against the row before [95% CI]"
+RUN_COLUMNS = ("model", "params", "bytes", VAL_COLUMN, AGAINST_BEFORE, "McNemar p")
+
+
+def model_of_file(name):
+    """The results-log model a file is (student_pruned.mix3.z.npz -> student_pruned.mix3)."""
+    return name.removesuffix(".z.npz").removesuffix(".npz").removesuffix(".pt")
+
+
+def stage_records(rows):
+    """{row name: record} of the five models a run has, in order; the final record with its file
+    name and the params of the model that file is."""
+    by_model = {r["model"]: r for r in rows}
+    found = {}
+    for stage, model, file in STAGES:
+        if model in by_model:
+            found[stage] = {"file": file, **by_model[model]}
+    if "final" in found:
+        found["final"]["params"] = by_model.get(model_of_file(found["final"]["file"]), {}).get("params")
+    return found
+
+
+def run_heading(records):
+    """The one line above a run's table: the validation images it was scored on, and what chose."""
+    n = next((r["val_n"] for r in records.values() if "val_n" in r), "?")
+    chosen = next((r["chosen_on"] for r in reversed(records.values()) if "chosen_on" in r), None)
+    return (f"the run: each model against the row before, paired on the same {n} validation images (bootstrap "
+            f"95% CI, exact McNemar p)" + (f"; models chosen on {chosen}" if chosen else ""))
+
+
+def run_table(rows):
+    """A run's table, from its results-log rows: teacher, scratch, distilled, pruned, final (those it
+    has), each against the row before, then the final file against the teacher."""
+    records = stage_records(rows)
+    table, before = [], None
+    for stage, r in records.items():
+        score = recorded_score(r)
+        table.append({"model": f"{stage} ({r['file']})", "params": r.get("params"), "bytes": r.get("bytes"),
+                      VAL_COLUMN: score or r.get("val_acc"), **paired_cells(before, score, AGAINST_BEFORE)})
+        before = score
+    if {"teacher", "final"} <= set(records):
+        scores = [recorded_score(records[s]) for s in ("teacher", "final")]
+        table.append({"model": "final - teacher", **paired_cells(*scores, AGAINST_BEFORE)})
+    return table
+
+
+def run_table_text(rows):
+    """The run's table under its heading, as 04 ends and `compare.py RUN` prints it."""
+    return run_heading(stage_records(rows)) + "\n" + markdown_table(run_table(rows), RUN_COLUMNS)
+
+
 def print_files(rows, final, val_images, select_images):
     """04's table of every file, smallest first, the final one marked."""
     table = [{"file": r["path"].name, "bytes": r["bytes"], VAL_COLUMN: r["val"], "selection acc [95% CI]": r["select"],
@@ -123,6 +203,19 @@ def print_files(rows, final, val_images, select_images):
     print(f"\nevery file, smallest first (accuracy after decoding, fp32; validation {val_images} images, selection "
           f"{select_images}; front: no smaller file is as accurate on validation)")
     print(format_table(table, list(table[0])))
+
+
+def print_qat_gain(rows, qat_paths):
+    """What QAT bought, on the same validation images: each QAT file against post-training
+    quantization of the same model and layout, and against the control (the same epochs in float,
+    then post-training quantization: training through the codes apart from training longer)."""
+    by = {(r["model"], r["variant"]): r["val"] for r in rows}
+    pairs = [paired_row(f"{name}{kind}.{v}{note}", by[f"{name}{kind}", v], f"{name}.qat.{v}", by[f"{name}.qat", v])
+             for name, v in qat_paths if v
+             for kind, note in (("", " (post-training)"), (".ft", " (float fine-tune, post-training)"))]
+    if pairs:
+        print("\nquantization-aware fine-tuning against post-training quantization, same model and bits")
+        print(format_table(pairs, list(pairs[0])))
 
 
 def pareto(rows):

@@ -411,7 +411,7 @@ def write_shipped(scripts):
 
 
 def scripts_with_settings():
-    return sorted(p for p in REPO.glob("*.py") if "configure(globals())" in p.read_text(encoding="utf-8"))
+    return sorted(p for p in REPO.glob("*.py") if "configure(globals()" in p.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def test_every_model_is_exported_checked_and_timed(deployed):
         for runtime in ("PyTorch eager", "PyTorch channels_last", "ONNX Runtime fp32", "ONNX Runtime int8"):
             assert f"{name.ljust(14)}  {runtime}" in run.stdout
     assert "speed @8" in run.stdout and "agrees with PyTorch" in run.stdout
+    ending = run.stdout.rsplit("\nwrote ", 1)[0].splitlines()  # the run ends with each model in its fastest runtime
+    assert ending[-5].startswith("| model | runtime | ms @1 | speed @1 | speed @8 | file bytes | val acc")
+    assert [line.split(" | ")[0] for line in ending[-3:]] == ["| student_kd", "| student_pruned", "| final"]
     records = {r["model"]: r for r in json.loads((ck / "results.json").read_text())}
     final = records["final"]["file"]
     assert records["final.onnx"]["source"] == final and records["final.onnx"]["agreement"] >= 0.995
