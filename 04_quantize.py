@@ -117,21 +117,20 @@ class FakeQuant(common.StudentNet):
         self.bits, self.per_channel, self.plan = layout_of(variant, self.state_dict())
         self.range_dtype = qfile.ranges_dtype(self.state_dict().values(), self.per_channel)  # decided once
 
-    def train(self, mode=True):
-        self.as_file = None  # the weights may change from here on: eval mode decodes them anew
-        return super().train(mode)
-
     def quantized(self, name, t):
         bits = (self.plan or {}).get(name, self.bits)
         q, lo, hi = minmax_quantize(t, bits, self.per_channel and t.ndim >= 2, self.range_dtype, torch.float32)
         return qfile.dequantize(q, lo, hi, bits, t.shape, t.dtype, torch.float32)
 
-    def file_state(self):  # every tensor as the file decodes it, on the model's device
-        if self.as_file is None:
-            device = next(self.parameters()).device
+    def file_state(self):
+        """Every tensor as the file decodes it, on the model's device, decoded again only when a
+        tensor has changed (in place, by load_state_dict) or moved."""
+        tensors = [*self.parameters(), *self.buffers()]
+        key = [(t.device, t._version) for t in tensors]
+        if self.as_file is None or self.as_file[0] != key:
             decoded = qfile.decode(encode(common.cpu_state_dict(self), self.variant))
-            self.as_file = {n: t.to(device) for n, t in decoded.items()}
-        return self.as_file
+            self.as_file = key, {n: t.to(tensors[0].device) for n, t in decoded.items()}
+        return self.as_file[1]
 
     def forward(self, x):
         if self.training:

@@ -324,7 +324,10 @@ def load_model(path, expect=None, num_classes=None, plain_norm="none", made_by=N
     if Path(str(path).removesuffix(".new")).suffix == ".npz":
         model, meta = qfile.read_quantized(path, build_model)
         preprocess = {"norm": STUDENT_NORM, **meta.get("preprocess", {})}
-        if not logits_finite(model, preprocess.get("img_size") or 32):  # any size: both models pool adaptively
+        size = preprocess.get("img_size", 32)
+        if type(size) is not int or not 16 <= size <= 4096:
+            raise UserError(f"{path}: not a quantized model file (its preprocessing has img_size={size!r})")
+        if not logits_finite(model, 32):  # any size: both models pool adaptively
             raise UserError(f"{path}: not a quantized model file (the model it decodes to gives logits that "
                             "are not finite)")
         return model, preprocess, {}

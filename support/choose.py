@@ -42,11 +42,13 @@ def smallest_close(rows, size, reference, cfg, what, limit=(0, "")):
         if not within:
             smallest, budget = min(scored, key=size), f"{limit[0]:,} {limit[1]}"
             if any(size(r) <= limit[0] for r in rows):
+                why = f"the smallest that scored a number (those of at most {budget} scored NaN)"
                 warn(f"no {what} of at most {budget} scored a number on the selection split (those that fit "
                      f"scored NaN); keeping the smallest that did ({size(smallest):,} {limit[1]})")
             else:
+                why = f"the smallest (none fits the budget of {budget})"
                 warn(f"no {what} has at most {budget}; keeping the smallest ({size(smallest):,} {limit[1]})")
-            return chosen_by(smallest, f"the smallest (none fits the budget of {budget})")
+            return chosen_by(smallest, why)
         scored = within
     fits = [r for r in scored if close(r)]
     if fits:

@@ -10,6 +10,7 @@ from pathlib import Path
 from support.running import UserError, interrupted_inside, mark_published, say_last, signals_deferred
 
 RESULTS = "results.json"
+OUTPUTS = "outputs.json"  # {stage: the files its last run wrote}, for a rerun to remove what it no longer makes
 TEACHER_FILE = "teacher_resnet18.bin"
 
 
@@ -98,19 +99,25 @@ def publish(ckpt_dir, outputs=(), records=(), finished=(), replaces_outputs=Fals
     """The end of a completed run: each output's `.new` file replaces it, and the run's records
     replace the rows of the results log they make stale (still_valid()), together (Ctrl-C waits
     until both are done). `finished`: files of the run (resumable states) to remove afterwards.
-    replaces_outputs: the run's last record names its outputs, and those the stage's previous run
-    named and this one did not write again are removed afterwards (said in one line): a rerun
-    with fewer rounds or files leaves none of the old ones beside the new. Returns the paths written."""
+    replaces_outputs: the run's outputs are recorded as its stage's (outputs.json), and what the
+    stage's last run wrote and this one did not is removed (said in one line): a rerun with fewer
+    rounds or files leaves none of the old ones beside the new, also when an earlier stage ran in
+    between. The outputs of later stages this run leaves stale are named in one line. Returns the
+    paths written."""
     ckpt_dir = Path(ckpt_dir)
     targets = [Path(p) for p in outputs] + [ckpt_dir / RESULTS]
     twice = sorted({p.name for p in targets if targets.count(p) > 1})
     if twice:
         raise UserError(f"{', '.join(twice)}: two outputs of this run share the name; nothing was replaced")
-    old_rows = read_results(ckpt_dir)
-    if replaces_outputs and records:
-        records[-1]["outputs"] = [p.name for p in targets[:-1]]
-    rows = still_valid(old_rows, records) + list(records)
-    atomic_json(new_path(ckpt_dir / RESULTS), rows)
+    old_rows, written = read_results(ckpt_dir), read_outputs(ckpt_dir)
+    stage = stage_of(records[-1]) if records else ""
+    superseded = []
+    if replaces_outputs and stage:
+        names = [p.name for p in targets[:-1]]
+        superseded = [ckpt_dir / n for n in sorted(set(written.get(stage, [])) - set(names))]
+        atomic_json(new_path(ckpt_dir / OUTPUTS), {**written, stage: names})
+        targets.append(ckpt_dir / OUTPUTS)
+    atomic_json(new_path(ckpt_dir / RESULTS), still_valid(old_rows, records) + list(records))
     for path in targets:  # what would stop a swap halfway is found first
         if path.is_dir() or not new_path(path).is_file():
             raise UserError(f"{path}: is a folder, or its new version is missing; nothing was replaced")
@@ -120,22 +127,34 @@ def publish(ckpt_dir, outputs=(), records=(), finished=(), replaces_outputs=Fals
         mark_published()
     for path in finished:
         Path(path).unlink(missing_ok=True)
-    remove_superseded(ckpt_dir, old_rows, records, targets)
-    return targets
+    remove_superseded([p for p in superseded if p.is_file()])
+    later = sorted(set().union(*(made_stale(old_rows, r) for r in records)) - {stage}) if records else []
+    say_stale([ckpt_dir / n for s in later for n in written.get(s, []) if (ckpt_dir / n).is_file()])
+    return targets[:targets.index(ckpt_dir / RESULTS) + 1]
 
 
-def remove_superseded(ckpt_dir, old_rows, records, targets):
-    """Remove the files the log's rows of the records' stage named as their run's outputs (never
-    a path outside ckpt_dir) which this run did not write again, and say so in one line."""
-    if not records:
-        return
-    named = {n for r in old_rows if stage_of(r) == stage_of(records[-1]) for n in r.get("outputs", [])
-             if isinstance(n, str) and Path(n).name == n}
-    gone = [ckpt_dir / n for n in sorted(named - {p.name for p in targets}) if (ckpt_dir / n).is_file()]
-    for path in gone:
+def read_outputs(ckpt_dir):
+    """{stage: the file names its last run wrote} (outputs.json; none, or a damaged one: {})."""
+    try:
+        written = json.loads((Path(ckpt_dir) / OUTPUTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(written, dict):
+        return {}
+    return {s: [n for n in names if isinstance(n, str) and Path(n).name == n]  # never a path outside ckpt_dir
+            for s, names in written.items() if isinstance(names, list)}
+
+
+def remove_superseded(paths):
+    for path in paths:
         path.unlink()
-    if gone:
-        print(f"removed what the run this one replaces wrote and this one did not: {', '.join(p.name for p in gone)}")
+    if paths:
+        print(f"removed what the run this one replaces wrote and this one did not: {', '.join(p.name for p in paths)}")
+
+
+def say_stale(paths):
+    if paths:
+        print(f"now stale, made from what this run replaced (rerun their stages): {', '.join(p.name for p in paths)}")
 
 
 def say_written(paths):

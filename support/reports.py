@@ -3,6 +3,7 @@ of the results log, the table of every stage and the run's table (the five model
 each against the row before), the course's predictions file."""
 import csv
 import io
+import re
 from pathlib import Path
 
 from support import files
@@ -83,9 +84,12 @@ def recorded_val(rows, model, key):
 
 def submission_ids(names):
     """The course's Id of each test file, its number (0000.jpg -> 0); None when the files are
-    not all named by number."""
+    not all named by number (ASCII digits), or two share a number (1.jpg, 0001.png)."""
     stems = [Path(n).stem for n in names]
-    return [int(s) for s in stems] if stems and all(s.isdigit() for s in stems) else None
+    if not stems or not all(re.fullmatch(r"[0-9]+", s) for s in stems):
+        return None
+    ids = [int(s) for s in stems]
+    return ids if len(set(ids)) == len(ids) else None
 
 
 def write_predictions(path, split, preds, unreadable_class=0, class_names=None):

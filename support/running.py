@@ -18,7 +18,8 @@ def quiet_start():
 
 def torch_pair_problem(torch_version, torchvision_version):
     """Why a torch and a torchvision do not belong together, or None. torchvision 0.(N+15) is
-    built for torch 2.N, and both for one platform: the local tag (+cpu, +cu128) must match."""
+    built for torch 2.N, and both for one platform: two platform tags (+cpu, +cu128) must match,
+    and a CPU build goes with no CUDA one (PyPI's Linux wheels, untagged, are CUDA builds)."""
     def release(version):
         public, _, tag = version.partition("+")
         return [int(p) for p in re.findall(r"\d+", public)[:2]], tag
@@ -26,7 +27,8 @@ def torch_pair_problem(torch_version, torchvision_version):
     pair = f"torch {torch_version} with torchvision {torchvision_version}"
     if t[0] == 2 and v != [0, t[1] + 15]:
         return f"{pair}: torch 2.{t[1]} takes torchvision 0.{t[1] + 15}"
-    if t_tag != v_tag:
+    platforms = [tag for tag in (t_tag, v_tag) if re.fullmatch(r"cpu|cu\d+|rocm[\d.]*|xpu", tag)]
+    if t_tag != v_tag and (len(platforms) == 2 or "cpu" in platforms):  # not a source build's git hash
         return f"{pair}: builds for different platforms ({t_tag or 'untagged'}, {v_tag or 'untagged'})"
     return None
 

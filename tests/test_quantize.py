@@ -297,6 +297,9 @@ def huge_ranges(meta, arrays):
     (PER_TENSOR_4, lambda m, a: m["arch"].update(kind="vgg"), "unknown model kind 'vgg'"),
     (PER_TENSOR_4, lambda m, a: a.update(lo=a["lo"].reshape(-1, 1)), "array 'lo' is 2-D (shape (64, 1)); a 1-D"),
     (PER_CHANNEL_4, huge_ranges, "the model it decodes to gives logits that are not finite"),
+    (PER_TENSOR_4, lambda m, a: m["preprocess"].update(img_size=-1), "img_size=-1"),
+    (PER_TENSOR_4, lambda m, a: m["preprocess"].update(img_size="abc"), "img_size='abc'"),
+    (PER_TENSOR_4, lambda m, a: m["preprocess"].update(img_size=1_000_000), "img_size=1000000"),
 ])
 def test_a_crafted_file_is_a_one_line_error_never_a_nan_model(tmp_path, layout, craft, message):
     path = crafted(tmp_path, layout, craft)

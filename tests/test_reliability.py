@@ -306,19 +306,31 @@ def test_a_new_run_of_a_stage_drops_the_rows_it_makes_stale(tmp_path):
 
 
 def test_a_rerun_removes_only_what_the_run_of_its_stage_it_replaces_wrote(tmp_path, capsys):
-    def run(stage, names):
+    def run(stage, names, replaces=True):
         for name in names:
             files.new_path(tmp_path / name).write_bytes(b"new")
         files.publish(tmp_path, [tmp_path / n for n in names], [{"stage": stage, "model": names[0]}],
-                      replaces_outputs=True)
+                      replaces_outputs=replaces)
+
+    def folder():
+        return sorted(p.name for p in tmp_path.iterdir())
     (tmp_path / "mine.pt").write_bytes(b"a user's file")
+    run("2 distillation", ["student_kd.pt"], replaces=False)
     run("3 pruning", ["round_a.pt", "round_b.pt", "plot.png"])
-    run("4 quantization", ["round_b.q8.npz"])
+    run("4 quantization", ["round_a.q8.npz", "round_b.q8.npz", "round_b.q4.npz"])
     assert "removed" not in capsys.readouterr().out
     run("3 pruning", ["round_a.pt", "plot.png"])  # one round fewer
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt", "plot.png", "results.json", "round_a.pt",
-                                                          "round_b.q8.npz"]
-    assert capsys.readouterr().out == "removed what the run this one replaces wrote and this one did not: round_b.pt\n"
+    assert "removed what the run this one replaces wrote and this one did not: round_b.pt\n" in capsys.readouterr().out
+    assert "round_b.pt" not in folder() and "round_b.q8.npz" in folder()  # 04's files wait for 04's rerun
+    # the whole pipeline again: 02 makes 03's and 04's outputs stale (said), and their reruns remove what they no longer make
+    run("2 distillation", ["student_kd.pt"], replaces=False)
+    assert capsys.readouterr().out == ("now stale, made from what this run replaced (rerun their stages): round_a.pt, "
+                                       "plot.png, round_a.q8.npz, round_b.q8.npz, round_b.q4.npz\n")
+    run("3 pruning", ["round_a.pt", "plot.png"])
+    run("4 quantization", ["round_a.q8.npz"])
+    assert "this one did not: round_b.q4.npz, round_b.q8.npz\n" in capsys.readouterr().out
+    assert folder() == ["mine.pt", "outputs.json", "plot.png", "results.json", "round_a.pt", "round_a.q8.npz",
+                        "student_kd.pt"]
 
 
 def test_a_new_teacher_or_a_new_start_drops_what_was_made_from_the_old_one(tmp_path):

@@ -256,7 +256,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("torchvision", ["0.28.0", "0.29.1+cu130"])
+@pytest.mark.parametrize("torchvision", ["0.28.0", "0.29.1+cpu"])
 def test_a_torchvision_of_another_torch_is_one_line_before_any_work(tmp_path, torchvision):
     """A torchvision built for another torch (or platform) died in its import: operator
     torchvision::nms does not exist."""
@@ -267,6 +267,9 @@ def test_a_torchvision_of_another_torch_is_one_line_before_any_work(tmp_path, to
     assert running.torch_pair_problem("2.4.1+cpu", "0.19.1+cpu") is None
     assert "torch 2.13 takes torchvision 0.28" in running.torch_pair_problem("2.13.0", "0.29.1")
     assert "(cpu, untagged)" in running.torch_pair_problem("2.13.0+cpu", "0.28.0")
+    assert "(cu128, cu130)" in running.torch_pair_problem("2.14.1+cu128", "0.29.1+cu130")
+    assert running.torch_pair_problem("2.5.0a0+e000cf0ad9", "0.20.0a0") is None  # a source build's git hash
+    assert running.torch_pair_problem("2.14.1", "0.29.1+cu130") is None
 
 
 def test_requirements_pin_torch_and_torchvision_as_a_pair():

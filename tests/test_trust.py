@@ -177,7 +177,9 @@ def test_when_only_files_that_scored_nan_fit_the_budget_the_warning_says_so(caps
     rows = [{"bytes": 10_000, "select": selection_score(8, [math.nan] * 10)},
             {"bytes": 30_000, "select": selection_score(8, [1.0] * 10)}]
     rule = settings.Settings({"choose_by": "loss", "max_loss_rise": 0.02, "max_acc_drop": 0.01})
-    assert choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (20_000, "bytes"))["bytes"] == 30_000
+    chosen = choose.smallest_close(rows, lambda r: r["bytes"], kd, rule, "file", (20_000, "bytes"))
+    assert chosen["bytes"] == 30_000
+    assert chosen["chosen_by"] == "the smallest that scored a number (those of at most 20,000 bytes scored NaN)"
     assert "no file of at most 20,000 bytes scored a number on the selection split (those that fit scored NaN); " \
         "keeping the smallest that did (30,000 bytes)" in capsys.readouterr().err
 
@@ -370,3 +372,9 @@ def test_a_jpeg_with_trailing_bytes_decodes_and_a_truncated_one_does_not(tmp_pat
     for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 2, len(whole) - 1):
         (tmp_path / "cut.jpg").write_bytes(whole[:cut])
         assert images.decode_image(tmp_path / "cut.jpg", 16) is None, cut
+
+
+def test_course_ids_only_where_every_file_has_its_own_number():
+    assert reports.submission_ids(["0001.jpg", "2.jpg"]) == [1, 2]
+    assert reports.submission_ids(["1.jpg", "0001.png"]) is None  # two Id 1 rows otherwise
+    assert reports.submission_ids(["\u00b2.jpg"]) is None  # a digit to str.isdigit, not to int()
