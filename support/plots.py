@@ -54,9 +54,9 @@ def space_tick_labels(ax):
 
 def label_points(ax, points, texts):
     """Labels beside points, right of them (left in the axes' right quarter), the lowest placed
-    first and each moved up just clear of the labels and points below it, in display space as
-    drawn; a label moved off its point is joined to it by a thin line. Call it last: what is
-    drawn after may move the points."""
+    first and each moved up just clear of the labels and points below it (down, where up would
+    leave the axes), in display space as drawn; a label moved off its point is joined to it by a
+    thin line. Call it last: what is drawn after may move the points."""
     renderer = draw(ax.figure)
     area = ax.get_window_extent(renderer)
     taken = [Bbox.from_bounds(*ax.transData.transform(xy) - 4, 8, 8) for xy in points]  # the markers
@@ -65,16 +65,26 @@ def label_points(ax, points, texts):
         style = {"textcoords": "offset points", "fontsize": 8, "va": "center", "ha": "right" if left else "left",
                  "bbox": {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}}
         probe = ax.annotate(text, xy, xytext=(-9 if left else 9, 0), **style)
-        box, shift = probe.get_window_extent(renderer).padded(2), 0.0
+        box = probe.get_window_extent(renderer).padded(2)
         probe.remove()
-        while hit := next((b for b in taken if b.overlaps(box.translated(0, shift))), None):
-            shift = hit.y1 - box.y0 + 0.01
+        shift = clear_shift(box, taken, up=True)
+        if box.y1 + shift > area.y1:  # above the axes: below the point instead, where that fits
+            down = clear_shift(box, taken, up=False)
+            shift = down if box.y0 + down >= area.y0 else shift
         taken.append(box.translated(0, shift))
         points_up = shift * 72 / ax.figure.dpi
         note = ax.annotate(text, xy, xytext=(-9 if left else 9, points_up), **style,
                            arrowprops={"arrowstyle": "-", "color": GREY, "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3}
-                           if points_up > 6 else None)
+                           if abs(points_up) > 6 else None)
         note.set_in_layout(False)  # the layout the labels were placed in stays
+
+
+def clear_shift(box, taken, up):
+    """How far to move `box` up (or down) until it overlaps none of `taken`."""
+    shift = 0.0
+    while hit := next((b for b in taken if b.overlaps(box.translated(0, shift))), None):
+        shift = hit.y1 - box.y0 + 0.01 if up else hit.y0 - box.y1 - 0.01
+    return shift
 
 
 def draw(fig):
