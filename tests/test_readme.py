@@ -64,7 +64,7 @@ def sample_table(ckpt_dir):
 def main_command():
     """The README's main command, as written there."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    return re.search(r"```\n(python 00_teacher\.py && [^\n]+)\n```", text).group(1)
+    return re.search(r"^(python 00_teacher\.py && [^\n]+)$", text, re.M).group(1)
 
 
 def test_the_readme_sample_table_is_what_the_main_command_prints(tmp_path):
