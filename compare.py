@@ -27,6 +27,7 @@ from support.stats import Score
 # --- settings (each can be overridden as --name=value; runs can also be given as arguments) --
 runs = ""  # run folders (each a ckpt_dir with its results.json), comma-separated; the first is the reference
 seeds = False  # the runs differ only in seed: per stage mean, min-max and the pooled paired difference
+other_preprocessing = False  # compare runs whose models saw other crops (another img_size, resize or norm)
 models = ""  # files to score on validation, comma-separated (.pt or .npz); needs data_dir
 data_dir = ""  # with --models: the data set the models were trained on
 img_size = 112  # with --models: only for a model that records no preprocessing
@@ -122,13 +123,23 @@ def pooled(scores):
     return Score(np.concatenate([s.correct for s in scores]), key=f"{scores[0].key} x{len(scores)}")
 
 
-def check_only_seeds(runs_read, cfg):
+def check_same_preprocessing(runs_read, cfg, allow):
+    """Runs whose models saw other crops are compared only when the user says so."""
     made = {folder: preprocessing_of(folder, cfg) for folder in runs_read}
     first = next(iter(made))
     for folder, said in made.items():
-        if said != made[first]:
-            raise UserError(f"--seeds: {folder} was made with other preprocessing than {first} ({said}; "
-                            f"{made[first]}); compare them without --seeds")
+        if said != made[first] and not allow:
+            raise UserError(f"{folder} was made with other preprocessing than {first} ({said}; {made[first]}); "
+                            "give --other_preprocessing=True to compare them all the same")
+
+
+def check_only_seeds(runs_read, cfg):
+    """--seeds: two or more runs of the same preprocessing, each of its own seed (a run given
+    twice would pool the same outcomes twice, and narrow the intervals for nothing)."""
+    seeds = [records.get("distilled", {}).get("seed") for records in runs_read.values()]
+    if len(seeds) < 2 or None in seeds or len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds needs two or more runs of different seeds (their student_kd records: {seeds})")
+    check_same_preprocessing(runs_read, cfg, allow=False)
 
 
 def print_seeds(runs_read, cfg):
@@ -202,14 +213,16 @@ def main():
         raise UserError("give run folders (python compare.py RUN [RUN ...]) or --data_dir=PATH --models=A,B,...")
     if cfg.models:
         return print_models([Path(p) for p in parse_list(cfg.models, "models")], cfg)
-    if len(set(folders)) < len(folders):
+    if len({Path(f).resolve() for f in folders}) < len(folders):
         raise UserError(f"{', '.join(folders)}: a run is given twice")
     runs_read = {folder: read_run(folder) for folder in folders}
     check_same_images(runs_read)
+    if cfg.seeds:
+        print_seeds(runs_read, cfg)
+        return
+    check_same_preprocessing(runs_read, cfg, cfg.other_preprocessing)
     if len(folders) == 1:
         print(reports.run_table_text(files.read_results(folders[0])))
-    elif cfg.seeds:
-        print_seeds(runs_read, cfg)
     else:
         print_runs(runs_read, cfg)
 

@@ -15,12 +15,12 @@ from support.stats import Score, paired
 
 @pytest.fixture(scope="module")
 def two_runs(pipeline, tmp_path_factory):
-    """Run A: the sample pipeline's folder. Run B: a copy with 03 and 04 run again otherwise
-    (one pruning round, other files), so its pruned and final models differ."""
+    """Run A: the sample pipeline's folder. Run B: a copy with 02 run again with another seed,
+    then 03 and 04 otherwise (one pruning round, other files), so its models differ."""
     ck, _, args = pipeline
     other = tmp_path_factory.mktemp("compare") / "ck"
     shutil.copytree(ck, other)
-    for script, extra in [("03_prune.py", ["--prune_count=1", "--finetune_epochs=1", "--max_loss_rise=1e9"]),
+    for script, extra in [("02_distill.py", ["--epochs=2", "--sparsity=1e-4", "--seed=1"]), ("03_prune.py", ["--prune_count=1", "--finetune_epochs=1", "--max_loss_rise=1e9"]),
                           ("04_quantize.py", ["--variants=q8", "--qat_variants=", "--max_loss_rise=1e9"])]:
         proc = run_script(script, *args, f"--ckpt_dir={other}", *extra)
         assert proc.returncode == 0, proc.stderr
@@ -121,3 +121,20 @@ def test_runs_on_other_images_or_without_a_log_are_one_line(two_runs, tmp_path):
         proc = run_script("compare.py", *map(str, args))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert said in proc.stderr
+
+
+def test_seeds_need_runs_of_different_seeds_and_runs_of_other_crops_need_saying_so(two_runs, tmp_path):
+    a, _ = two_runs
+    again, crops = tmp_path / "again", tmp_path / "crops"
+    shutil.copytree(a, again)
+    shutil.copytree(a, crops)
+    model, preprocess, metrics = common.load_model(crops / "student_kd.pt")
+    common.save_checkpoint(crops / "student_kd.pt", model, {**preprocess, "img_size": 14}, metrics)
+    for args, said in [(("--seeds", a, again), "--seeds needs two or more runs of different seeds"),
+                       (("--seeds", a), "--seeds needs two or more runs"),
+                       ((a, f"{a}/"), "a run is given twice"),
+                       ((a, crops), f"{crops} was made with other preprocessing than {a}")]:
+        proc = run_script("compare.py", *map(str, args))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert said in proc.stderr
+    assert "14 px centre crops" in compare(a, crops, "--other_preprocessing=True")
