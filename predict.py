@@ -35,15 +35,11 @@ CHECKPOINTS = "checkpoints"  # where the stages write (the sample's run in check
 
 
 def images_in(folder):
-    """The images of a folder in name order, and how many other files it holds."""
-    where = Path(folder)
-    if not where.is_dir():
-        raise UserError(f"{where}: " + ("a file, not a folder of images" if where.exists() else "folder not found"))
-    entries = sorted(p for p in where.iterdir() if p.is_file())
-    paths = [p for p in entries if p.suffix.lower() in images.IMAGE_EXTS]
-    if not paths:
-        raise UserError(f"{where}: no .jpg/.jpeg/.png images in this folder")
-    return paths, len(entries) - len(paths)
+    """The images of predict's folder in name order, and how many other files it holds."""
+    if not Path(folder).is_dir():
+        said = "a file, not a folder of images" if Path(folder).exists() else "folder not found"
+        raise UserError(f"{folder}: {said}")
+    return images.images_in(folder)
 
 
 def check_model(model):

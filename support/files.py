@@ -111,18 +111,18 @@ def publish(ckpt_dir, outputs=(), records=(), finished=(), replaces_outputs=Fals
         raise UserError(f"{', '.join(twice)}: two outputs of this run share the name; nothing was replaced")
     old_rows, written = read_results(ckpt_dir), read_outputs(ckpt_dir)
     stage = stage_of(records[-1]) if records else ""
-    superseded = []
+    superseded, swapped = [], list(targets)
     if replaces_outputs and stage:
         names = [p.name for p in targets[:-1]]
         superseded = [ckpt_dir / n for n in sorted(set(written.get(stage, [])) - set(names))]
         atomic_json(new_path(ckpt_dir / OUTPUTS), {**written, stage: names})
-        targets.append(ckpt_dir / OUTPUTS)
+        swapped.append(ckpt_dir / OUTPUTS)
     atomic_json(new_path(ckpt_dir / RESULTS), still_valid(old_rows, records) + list(records))
-    for path in targets:  # what would stop a swap halfway is found first
+    for path in swapped:  # what would stop a swap halfway is found first
         if path.is_dir() or not new_path(path).is_file():
             raise UserError(f"{path}: is a folder, or its new version is missing; nothing was replaced")
     with signals_deferred():
-        for path in targets:
+        for path in swapped:
             os.replace(new_path(path), path)
         mark_published()
     for path in finished:
@@ -130,7 +130,7 @@ def publish(ckpt_dir, outputs=(), records=(), finished=(), replaces_outputs=Fals
     remove_superseded([p for p in superseded if p.is_file()])
     later = sorted(set().union(*(made_stale(old_rows, r) for r in records)) - {stage}) if records else []
     say_stale([ckpt_dir / n for s in later for n in written.get(s, []) if (ckpt_dir / n).is_file()])
-    return targets[:targets.index(ckpt_dir / RESULTS) + 1]
+    return targets
 
 
 def read_outputs(ckpt_dir):

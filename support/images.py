@@ -58,10 +58,16 @@ def list_images(root, split):
     if not folder.is_dir():
         raise UserError(f"{folder}: split folder missing (a data root holds training/, "
                         "validation/ and optionally testing/)")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not files:
-        raise UserError(f"{folder}: no .jpg/.jpeg/.png images in this split")
-    return files
+    return images_in(folder, "split")[0]
+
+
+def images_in(folder, what="folder"):
+    """The images of a folder in name order, and how many other files it holds; none is an error."""
+    entries = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    paths = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+    if not paths:
+        raise UserError(f"{folder}: no .jpg/.jpeg/.png images in this {what}")
+    return paths, len(entries) - len(paths)
 
 
 def jpeg_is_truncated(data):
